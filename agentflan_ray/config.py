@@ -1,0 +1,249 @@
+"""Typed configuration: YAML plus ``key=value`` overrides, validated before any work starts.
+
+Each stage owns one dataclass. ``load_config(GenerateConfig, "demo.yaml", ["seed=3"])`` reads the
+file, applies the overrides (dotted keys reach nested fields, values are parsed as YAML), and builds
+the dataclass field by field. Any unknown key or badly typed value raises ``ConfigError`` naming the
+key, e.g. ``balance.preset: must be one of ['none', 'paper', 'r10r5u7'], got 'fast'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+INPUT_FORMATS = ("toolbench", "agentinstruct", "agentflan", "sharegpt")
+BALANCE_PRESETS = {
+    "none": {"reasoning": 1.0, "retrieval": 1.0, "understanding": 1.0},
+    "paper": {"reasoning": 1.0, "retrieval": 0.25, "understanding": 0.75},
+    "r10r5u7": {"reasoning": 1.0, "retrieval": 0.5, "understanding": 0.7},
+}
+AGENTINSTRUCT_STREAMS = ("agent_instruct_react", "agent_instruct_tflan")
+
+
+@dataclass
+class InputSpec:
+    format: Literal["toolbench", "agentinstruct", "agentflan", "sharegpt"]
+    path: str
+    # Name recorded in the `source` column; defaults to the format.
+    source: str = ""
+
+    def validate(self, key: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{key}.path: must not be empty")
+        if not self.source:
+            self.source = self.format
+
+
+@dataclass
+class ToolBenchSplit:
+    """Shares of ToolBench trajectories per stream; a trajectory lands in exactly one."""
+
+    react: float = 0.1
+    tflan_cot: float = 0.3
+    tflan_decomposed: float = 0.6
+
+    def validate(self, key: str) -> None:
+        shares = dataclasses.asdict(self)
+        for name, share in shares.items():
+            if not 0.0 <= share <= 1.0:
+                raise ConfigError(f"{key}.{name}: must be within [0, 1], got {share}")
+        if abs(sum(shares.values()) - 1.0) > 1e-6:
+            raise ConfigError(f"{key}: shares must add up to 1, got {sum(shares.values()):.4f}")
+
+
+@dataclass
+class BalanceConfig:
+    """Capability balancing by loss masking: a turn keeps its loss with probability ratio[capability]."""
+
+    preset: Literal["none", "paper", "r10r5u7"] = "r10r5u7"
+    # Overrides single ratios of the preset, e.g. {retrieval: 0.3}.
+    ratios: dict = field(default_factory=dict)
+
+    def validate(self, key: str) -> None:
+        for name, value in self.ratios.items():
+            if name not in BALANCE_PRESETS["none"]:
+                raise ConfigError(f"{key}.ratios.{name}: unknown capability; use one of {sorted(BALANCE_PRESETS['none'])}")
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key}.ratios.{name}: must be a number within [0, 1], got {value!r}")
+
+    def resolved(self) -> dict[str, float]:
+        return {**BALANCE_PRESETS[self.preset], **{k: float(v) for k, v in self.ratios.items()}}
+
+
+@dataclass
+class StorageConfig:
+    """Where s3:// paths go. Credentials come from the usual AWS variables, never from here."""
+
+    endpoint_url: str = ""
+    region: str = "us-east-1"
+
+
+@dataclass
+class GenerateConfig:
+    inputs: list[InputSpec] = field(default_factory=list)
+    output: str = "./out/run1"
+    rewrite: Literal["template", "llm"] = "template"
+    seed: int = 0
+    toolbench_split: ToolBenchSplit = field(default_factory=ToolBenchSplit)
+    # Fraction of ToolBench trajectories that also yield one `instruct` (format-following) sample.
+    instruct_share: float = 0.05
+    agentinstruct_streams: list[str] = field(default_factory=lambda: list(AGENTINSTRUCT_STREAMS))
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    # A single source record larger than this is quarantined as `record_too_large`.
+    max_record_bytes: int = 16 * 1024 * 1024
+    # Input is cut into read tasks of about this many bytes (JSONL files are split by byte range).
+    task_bytes: int = 32 * 1024 * 1024
+    # Rows per Parquet row group; bounds writer memory.
+    row_group_rows: int = 2000
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray_address: str = ""
+    progress: bool = True
+
+    def validate(self, key: str = "") -> None:
+        if not self.inputs:
+            raise ConfigError("inputs: at least one input is required")
+        if not self.output:
+            raise ConfigError("output: must not be empty")
+        if self.rewrite == "llm":
+            raise ConfigError(
+                "rewrite: 'llm' is not available in this version yet (the LLM rewrite stage ships with "
+                "the rate-limited client); use rewrite=template"
+            )
+        if not 0.0 <= self.instruct_share <= 1.0:
+            raise ConfigError(f"instruct_share: must be within [0, 1], got {self.instruct_share}")
+        for name in self.agentinstruct_streams:
+            if name not in AGENTINSTRUCT_STREAMS:
+                raise ConfigError(f"agentinstruct_streams: unknown stream {name!r}; use {list(AGENTINSTRUCT_STREAMS)}")
+        if self.max_record_bytes < 1024:
+            raise ConfigError(f"max_record_bytes: must be at least 1024, got {self.max_record_bytes}")
+        if self.task_bytes < 1024:
+            raise ConfigError(f"task_bytes: must be at least 1024, got {self.task_bytes}")
+        if self.row_group_rows < 1:
+            raise ConfigError(f"row_group_rows: must be positive, got {self.row_group_rows}")
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Read YAML (if given), apply ``key=value`` overrides, and build a validated ``cls``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    for override in overrides or []:
+        apply_override(data, override)
+    return build(cls, data, "")
+
+
+def apply_override(data: dict, override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r}: expected key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build(cls: type, data: Any, key: str):
+    """Build dataclass ``cls`` from plain data, naming the offending key on any error."""
+    where = key or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        name = f"{key}.{unknown[0]}" if key else unknown[0]
+        raise ConfigError(f"{name}: unknown key; valid keys here are {sorted(fields)}")
+    values = {}
+    for name, value in data.items():
+        values[name] = _convert(hints[name], value, f"{key}.{name}" if key else name)
+    obj = cls(**values)
+    if hasattr(obj, "validate"):
+        obj.validate(key)
+    return obj
+
+
+def _convert(tp: Any, value: Any, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {sorted(args)}, got {value!r}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        errors = []
+        for option in args:
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _convert(option, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_convert(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def config_to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_hash(config) -> str:
+    text = json.dumps(config_to_dict(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
