@@ -185,6 +185,12 @@ def build(cls: type, data: Any, key: str):
     if unknown:
         name = f"{key}.{unknown[0]}" if key else unknown[0]
         raise ConfigError(f"{name}: unknown key; valid keys here are {sorted(fields)}")
+    missing = [
+        f.name for f in fields.values()
+        if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing key {missing[0]!r}")
     values = {}
     for name, value in data.items():
         values[name] = _convert(hints[name], value, f"{key}.{name}" if key else name)

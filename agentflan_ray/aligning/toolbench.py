@@ -21,8 +21,8 @@ import random
 
 from agentflan_ray.aligning import templates as T
 from agentflan_ray.aligning.split import rng_for, unit_hash
-from agentflan_ray.records import Message, Sample, Step, ToolCall, ToolTrajectory, tools_json
 from agentflan_ray.reading.toolbench import FINISH
+from agentflan_ray.records import Message, Sample, Step, ToolCall, ToolTrajectory, tools_json
 
 
 def qualified_name(function: str) -> str:

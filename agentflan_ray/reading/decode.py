@@ -40,10 +40,7 @@ def read_jsonl_range(
     if start > 0:
         stream.seek(start - 1)
         # A line starting exactly at `start` belongs to us; otherwise skip the partial line.
-        if stream.read(1) != b"\n":
-            position = start + len(stream.readline())
-        else:
-            position = start
+        position = start + len(stream.readline()) if stream.read(1) != b"\n" else start
     while end is None or position < end:
         line = _read_line(stream, max_record_bytes)
         if line is None:

@@ -1,0 +1,88 @@
+"""Shared fixtures: one local Ray per session, moto's S3 *server* on loopback, the sample data.
+
+The S3 server is real HTTP on 127.0.0.1; code reaches it through ``AWS_ENDPOINT_URL`` exactly as it
+would reach AWS or MinIO. It starts before Ray so Ray's workers inherit the endpoint and the fake
+credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")}
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing-access-key",
+        AWS_SECRET_ACCESS_KEY="testing-secret-key-do-not-log",
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_REGION="us-east-1",
+    )
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def sample_data(tmp_path) -> Path:
+    """A writable copy of the real sample records."""
+    target = tmp_path / "data"
+    shutil.copytree(FIXTURES, target)
+    return target
+
+
+def demo_overrides(data: Path, output: Path | str) -> list[str]:
+    return [
+        f"output={output}",
+        "progress=false",
+        f'inputs=[{{format: toolbench, path: "{data}/toolbench/**/*.json"}}, '
+        f'{{format: agentinstruct, path: "{data}/agentinstruct/*.json"}}, '
+        f'{{format: sharegpt, path: "{data}/sharegpt/*.json"}}, '
+        f'{{format: agentflan, path: "{data}/agentflan/*.json"}}]',
+        "instruct_share=0.5",
+    ]

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from agentflan_ray.config import ConfigError, GenerateConfig, load_config
+
+REPO = Path(__file__).parent.parent
+SHIPPED = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+MINIMAL = ['inputs=[{format: sharegpt, path: "x.json"}]']
+
+
+def test_there_are_shipped_configs():
+    assert SHIPPED, "jobs/configs/ holds no config"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(GenerateConfig, path)
+    assert config.inputs
+    for spec in config.inputs:
+        assert spec.source
+
+
+def test_overrides_reach_nested_keys_and_parse_values():
+    config = load_config(
+        GenerateConfig, REPO / "jobs/configs/demo.yaml",
+        ["seed=3", "output=s3://bucket/run1", "balance.preset=paper", "balance.ratios.retrieval=0.3"],
+    )
+    assert config.seed == 3
+    assert config.output == "s3://bucket/run1"
+    assert config.balance.resolved() == {"reasoning": 1.0, "retrieval": 0.3, "understanding": 0.75}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sed=3", "sed: unknown key"),
+        ("balance.preset=fast", "balance.preset: must be one of"),
+        ("balance.ratios.retrieval=2", "balance.ratios.retrieval: must be a number within [0, 1]"),
+        ("seed=three", "seed: expected an integer"),
+        ("toolbench_split.react=0.5", "toolbench_split: shares must add up to 1"),
+        ("inputs=[{format: csv, path: x}]", "inputs[0].format: must be one of"),
+        ("inputs=[{format: sharegpt}]", "inputs[0]: missing key 'path'"),
+        ("rewrite=llm", "rewrite: 'llm' is not available"),
+        ("storage.bucket=x", "storage.bucket: unknown key"),
+        ("noequals", "expected key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(GenerateConfig, None, [*MINIMAL, override])
+    assert message in str(info.value)
+
+
+def test_inputs_are_required():
+    with pytest.raises(ConfigError, match="inputs: at least one input"):
+        load_config(GenerateConfig, None, [])
+
+
+def test_unreadable_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(GenerateConfig, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inputs: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(GenerateConfig, bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(GenerateConfig, listing)
