@@ -24,10 +24,18 @@ def connect_ray(address: str = "") -> None:
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
+def prefer_loopback(address: str) -> None:
+    """A local single-node cluster binds to 127.0.0.1, not the machine's network address. Ray reads
+    this setting when it is imported, so call before the first ``import ray``."""
+    if not address and not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def run_generate(config_path: str | None, overrides: list[str]) -> dict:
+    config = load_config(GenerateConfig, config_path, overrides)
+    prefer_loopback(config.ray_address)
     from agentflan_ray.generate import generate
 
-    config = load_config(GenerateConfig, config_path, overrides)
     connect_ray(config.ray_address)
     return generate(config)
 

@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+# A single-node local Ray binds to 127.0.0.1 instead of the machine's network address (Ray does the
+# same on macOS). Read by Ray at import time, so set before anything imports it.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
 
