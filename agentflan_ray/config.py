@@ -108,6 +108,8 @@ class GenerateConfig:
     task_bytes: int = 32 * 1024 * 1024
     # Rows per Parquet row group; bounds writer memory.
     row_group_rows: int = 2000
+    # Retries of a read task that failed outside record handling (S3 or disk errors).
+    task_retries: int = 3
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray_address: str = ""
     progress: bool = True
@@ -131,6 +133,8 @@ class GenerateConfig:
             raise ConfigError(f"max_record_bytes: must be at least 1024, got {self.max_record_bytes}")
         if self.task_bytes < 1024:
             raise ConfigError(f"task_bytes: must be at least 1024, got {self.task_bytes}")
+        if self.task_retries < 0:
+            raise ConfigError(f"task_retries: must be 0 or more, got {self.task_retries}")
         if self.row_group_rows < 1:
             raise ConfigError(f"row_group_rows: must be positive, got {self.row_group_rows}")
 

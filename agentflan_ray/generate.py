@@ -180,6 +180,10 @@ def generate(config: GenerateConfig, log=print) -> dict:
     log(f"[generate] {len(tasks)} read tasks over {sum(len(t.ranges) for t in tasks)} file pieces -> {config.output}")
     tally = Tally()
     if tasks:
+        # A read task rewrites the same shard names, so retrying one after an I/O error is safe.
+        context = ray.data.DataContext.get_current()
+        context.retried_map_errors = True
+        context.max_map_retries = config.task_retries
         dataset = ray.data.from_items([t.to_row() for t in tasks], override_num_blocks=len(tasks))
         results = dataset.map(run_read_task, fn_kwargs={"config": config})
         progress = Progress(len(tasks), log, enabled=config.progress)
