@@ -1,15 +1,18 @@
 """The ``agentflan-ray`` command.
 
     agentflan-ray generate --config jobs/configs/demo.yaml [key=value ...]
+    agentflan-ray chat --config jobs/configs/chat_demo.yaml [key=value ...]
+    agentflan-ray serve-sim --port 8000 --latency 0.5 --rpm 6000 [--error-500 0.05 ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
-from agentflan_ray.config import ConfigError, GenerateConfig, load_config
+from agentflan_ray.config import ChatRunConfig, ConfigError, GenerateConfig, load_config
 
 
 def connect_ray(address: str = "") -> None:
@@ -40,23 +43,76 @@ def run_generate(config_path: str | None, overrides: list[str]) -> dict:
     return generate(config)
 
 
+def run_chat(config_path: str | None, overrides: list[str]) -> dict:
+    config = load_config(ChatRunConfig, config_path, overrides)
+    prefer_loopback(config.ray_address)
+    from agentflan_ray.llm.run import check_endpoint
+    from agentflan_ray.llm.run import run_chat as run
+
+    check_endpoint(config)  # before starting Ray: a bad key fails in a second
+    connect_ray(config.ray_address)
+    return run(config)
+
+
+def serve_sim(argv: list[str]) -> int:
+    import asyncio
+    import dataclasses
+
+    from agentflan_ray.llm.simulator import SimulatorConfig, serve
+
+    parser = argparse.ArgumentParser(prog="agentflan-ray serve-sim", description="OpenAI-compatible API simulator")
+    flags = {"latency_s": "--latency", "latency_jitter": "--jitter"}
+    for f in dataclasses.fields(SimulatorConfig):
+        flag = flags.get(f.name, "--" + f.name.replace("_", "-"))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, list):
+            parser.add_argument(flag, dest=f.name, nargs="+", default=default)
+        else:
+            parser.add_argument(flag, dest=f.name, type=type(default), default=default)
+    config = SimulatorConfig(**vars(parser.parse_args(argv)))
+    print(f"LLM simulator on http://{config.host}:{config.port}/v1 (models: {', '.join(config.models)}); "
+          f"stats at http://{config.host}:{config.port}/stats", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(config))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve-sim"]:
+        return serve_sim(argv[1:])
     parser = argparse.ArgumentParser(prog="agentflan-ray", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="turn agent trajectories into Agent-FLAN sample shards")
-    gen.add_argument("--config", help="YAML config file (see jobs/configs/)")
-    gen.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys allowed (balance.preset=paper)")
+    chat = commands.add_parser("chat", help="answer a file of chat requests through the rate-limited, cached client")
+    commands.add_parser("serve-sim", help="start the OpenAI-compatible API simulator (see serve-sim --help)")
+    for command in (gen, chat):
+        command.add_argument("--config", help="YAML config file (see jobs/configs/)")
+        command.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys allowed (llm.rpm=600)")
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             manifest = run_generate(args.config, args.overrides)
-            return 0 if manifest["counts"]["read"] == manifest["counts"]["written"] + manifest["counts"]["quarantined"] else 1
+            counts = manifest["counts"]
+            return 0 if counts["read"] == counts["written"] + counts["quarantined"] else 1
+        if args.command == "chat":
+            manifest = run_chat(args.config, args.overrides)
+            counts = manifest["counts"]
+            return 0 if counts["read"] == counts["ok"] + counts["dead_letter"] else 1
     except ConfigError as exc:
         print(f"agentflan-ray: config error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
         print(f"agentflan-ray: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from agentflan_ray.llm.client import FatalLLMError, ray_remote_error_cause
+
+        cause = ray_remote_error_cause(exc)
+        if isinstance(cause, FatalLLMError):
+            print(f"agentflan-ray: {cause}", file=sys.stderr)
+            return 2
+        raise
     return 0
 
 

@@ -1,0 +1,186 @@
+"""The client, budget, cache and simulator in one process (no Ray)."""
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from agentflan_ray.config import LLMConfig
+from agentflan_ray.llm.budget import GCRABudget
+from agentflan_ray.llm.cache import ResponseCache, cache_key
+from agentflan_ray.llm.client import FatalLLMError, LLMClient, ReplyRejected, parse_duration, redact, retry_hint
+from agentflan_ray.llm.simulator import SimulatorConfig, SimulatorServer
+
+KEY = "sk-unit-test-key-0123456789"
+
+
+@pytest.fixture
+def simulator():
+    servers = []
+
+    def start(**kwargs):
+        server = SimulatorServer(SimulatorConfig(port=0, latency_s=0.01, api_key=KEY, **kwargs))
+        servers.append(server)
+        return server, server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+
+def client(url, **overrides) -> LLMClient:
+    settings = {"base_url": url, "model": "sim-gpt-4", "backoff_initial_s": 0.01, "backoff_max_s": 0.05, **overrides}
+    return LLMClient(LLMConfig(**settings))
+
+
+def run(c: LLMClient, coroutine):
+    """Run on the client's own event loop (its connection pool belongs to one loop)."""
+    if not hasattr(c, "_test_loop"):
+        c._test_loop = asyncio.new_event_loop()
+    return c._test_loop.run_until_complete(coroutine)
+
+
+def ask(c: LLMClient, text: str, **kwargs):
+    return run(c, c.complete([{"role": "user", "content": text}], **kwargs))
+
+
+@pytest.mark.parametrize("value, seconds", [("1.5", 1.5), ("20ms", 0.02), ("6m0s", 360), ("1s", 1), ("", 0), ("soon", 0)])
+def test_parse_duration(value, seconds):
+    assert parse_duration(value) == pytest.approx(seconds)
+
+
+def test_retry_hint_prefers_milliseconds_then_the_longest():
+    assert retry_hint({"retry-after-ms": "250", "retry-after": "3"}) == pytest.approx(0.25)
+    assert retry_hint({"retry-after": "1", "x-ratelimit-reset-requests": "2s"}) == pytest.approx(2)
+
+
+def test_redact_removes_the_key_and_key_like_strings():
+    text = f"Incorrect API key provided: {KEY}; also sk-abcdefghijklmnop"
+    cleaned = redact(text, [KEY])
+    assert KEY not in cleaned and "abcdefghijklmnop" not in cleaned
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_gcra_never_starts_more_than_the_rate_plus_the_burst():
+    clock = FakeClock()
+    budget = GCRABudget(rpm=600, burst_s=0.5, clock=clock)
+    starts = [clock.now + budget.reserve() for _ in range(2000)]  # all asked at once
+    in_a_minute = sum(1 for s in starts if s < clock.now + 60)
+    assert 600 <= in_a_minute <= 600 + 5 + 1
+
+
+def test_gcra_tokens_backoff_and_learning():
+    clock = FakeClock()
+    budget = GCRABudget(tpm=60_000, burst_s=0.0, clock=clock)
+    assert budget.reserve(1000) == 0  # 1000 tokens = one second of budget
+    assert budget.reserve(1000) == pytest.approx(1.0)
+    budget.reconcile(estimated=1000, actual=500)  # the first call used less: half a second back
+    assert budget.reserve(10) == pytest.approx(1.5)
+    budget.backoff(30)
+    assert budget.reserve(0) == pytest.approx(30)
+    fresh = GCRABudget(burst_s=0.0, clock=clock)
+    assert not fresh.limited
+    fresh.learn(rpm=60, tpm=0)
+    assert fresh.reserve() == 0 and fresh.reserve() == pytest.approx(1.0)
+
+
+def test_cache_round_trip_and_keys(tmp_path):
+    from agentflan_ray.config import StorageConfig
+
+    cache = ResponseCache(str(tmp_path / "cache"), StorageConfig())
+    messages = [{"role": "user", "content": "hi"}]
+    key = cache_key("m", messages, {"temperature": 0.7}, "v1")
+    assert key == cache_key("m", list(messages), {"temperature": 0.7}, "v1")
+    assert key != cache_key("m", messages, {"temperature": 0.7}, "v2")
+    assert key != cache_key("m", messages, {"temperature": 0.2}, "v1")
+    assert cache.get(key) is None
+    cache.put(key, {"content": "hello"})
+    assert cache.get(key) == {"content": "hello"}
+    assert (cache.hits, cache.misses) == (1, 1)
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_server_faults_are_retried_until_answered(simulator):
+    server, url = simulator(error_500=0.2, error_503=0.1, malformed=0.1)
+    c = client(url)
+    answers = [ask(c, f"question {i}") for i in range(40)]
+    assert all(a.content for a in answers)
+    stats = server.stats()
+    assert stats["status"].get("500", 0) + stats["status"].get("503", 0) > 0 and stats["faults"]["malformed"] > 0
+    assert stats["answered"] == 40 and stats["repeated_answers"] == 0
+
+
+def test_echo_replies_are_exact_and_deterministic(simulator):
+    _, url = simulator()
+    c = client(url)
+    assert ask(c, "rewrite: <<<ECHO>>>The exact text.<<<END>>>").content == "The exact text."
+    assert ask(c, "same prompt").content == ask(c, "same prompt").content
+
+
+def test_retry_after_is_honoured(simulator):
+    server, url = simulator(rpm=60, burst_s=1.0)  # one request, then one a second
+    c = client(url, backoff_max_s=5)
+    ask(c, "first")
+    started = time.monotonic()
+    ask(c, "second")
+    assert time.monotonic() - started >= 0.8
+    assert server.stats()["status"]["429"] >= 1
+
+
+def test_cut_replies_are_re_asked_then_dead_lettered(simulator):
+    server, url = simulator(length=1.0)
+    c = client(url, max_reasks=2)
+    with pytest.raises(ReplyRejected, match="finish_reason is length"):
+        ask(c, "never complete")
+    assert server.stats()["status"]["200"] == 3
+
+
+def test_json_replies_are_validated(simulator):
+    _, url = simulator()
+    c = client(url, max_reasks=1)
+    reply = ask(c, "give json", response_format={"type": "json_object"})
+    assert reply.content.startswith("{")
+    with pytest.raises(ReplyRejected, match="not the JSON"):
+        ask(c, "<<<ECHO>>>not json<<<END>>>", response_format={"type": "json_object"})
+
+
+def test_bad_key_and_unknown_model_are_fatal_and_never_show_the_key(simulator, monkeypatch):
+    server, url = simulator()
+    monkeypatch.setenv("WRONG_KEY", "sk-wrong-key-abcdefgh")
+    bad = LLMClient(LLMConfig(base_url=url, model="sim-gpt-4", api_key_env="WRONG_KEY"))
+    for call in (lambda: run(bad, bad.preflight()), lambda: ask(bad, "x")):
+        with pytest.raises(FatalLLMError) as info:
+            call()
+        assert "401" in str(info.value) and "$WRONG_KEY" in str(info.value)
+        assert "sk-wrong" not in str(info.value)
+    with pytest.raises(FatalLLMError, match="model 'gpt-99'"):
+        unknown = client(url, model="gpt-99")
+        run(unknown, unknown.preflight())
+    assert server.stats()["status"]["401"] == 2
+
+
+def test_missing_key_variable_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(FatalLLMError, match=r"\$OPENAI_API_KEY is not set"):
+        LLMClient(LLMConfig(base_url="http://127.0.0.1:9/v1"))
+
+
+def test_timeouts_are_retried(simulator):
+    server, url = simulator(hang=0.5, hang_s=3)
+    c = client(url, timeout_s=0.5, max_attempts=10)
+    answers = [ask(c, f"q{i}") for i in range(6)]
+    assert all(a.content for a in answers)
+    assert os.environ["OPENAI_API_KEY"] == KEY
