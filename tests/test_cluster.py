@@ -65,9 +65,16 @@ def wait_for_nodes(address: str, env: dict, count: int, head, logs: Path, timeou
     raise AssertionError(f"cluster at {address} did not reach {count} nodes")
 
 
-def test_generate_job_submitted_to_a_two_node_cluster(tmp_path, sample_data):
+KEY = "sk-cluster-test-key-987654321"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Head on 127.0.0.2 and a worker on 127.0.0.3, one CPU each, token auth; the API key lives in
+    the nodes' environment, as on a production cluster."""
+    logs = tmp_path_factory.mktemp("cluster")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", OPENAI_API_KEY=KEY)
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
     gcs, dashboard = free_port(), free_port()
     address = f"127.0.0.2:{gcs}"
@@ -75,29 +82,68 @@ def test_generate_job_submitted_to_a_two_node_cluster(tmp_path, sample_data):
     ray_dir = tempfile.mkdtemp(prefix="afr-ray-", dir="/tmp")
     head = start_node(["--head", f"--port={gcs}", "--node-ip-address=127.0.0.2", "--num-cpus=1",
                        "--include-dashboard=true", "--dashboard-host=127.0.0.2", f"--dashboard-port={dashboard}",
-                       f"--temp-dir={ray_dir}"], env, tmp_path / "head.log")
+                       f"--temp-dir={ray_dir}"], env, logs / "head.log")
     worker = None
     try:
         time.sleep(5)
         worker = start_node([f"--address={address}", "--node-ip-address=127.0.0.3", "--num-cpus=1"],
-                            env, tmp_path / "worker.log")
-        wait_for_nodes(address, env, 2, head, tmp_path)
-        out = tmp_path / "out"
-        submit = subprocess.run(
-            [RAY, "job", "submit", f"--address=http://127.0.0.2:{dashboard}", "--",
-             sys.executable, str(REPO / "jobs/generate.py"), "--config", str(REPO / "jobs/configs/demo.yaml"),
-             *demo_overrides(sample_data, out), "task_bytes=60000"],
-            env=env, capture_output=True, text=True, timeout=300,
-        )
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        assert "succeeded" in submit.stdout.lower()
-        manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest["counts"]["read"] == 51
-        assert manifest["counts"]["per_source"]["toolbench"] == {"read": 10, "written": 6, "quarantined": 4}
-        assert len(manifest["files"]) > 8  # several read tasks
-        assert alive_nodes(address, env) == ["127.0.0.2", "127.0.0.3"]
+                            env, logs / "worker.log")
+        wait_for_nodes(address, env, 2, head, logs)
+        yield {"address": address, "dashboard": f"http://127.0.0.2:{dashboard}", "env": env}
     finally:
         if worker is not None:
             stop_node(worker)
         stop_node(head)
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def submit(cluster, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, "job", "submit", f"--address={cluster['dashboard']}", "--", sys.executable, *args],
+                          env=cluster["env"], capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_job_submitted_to_a_two_node_cluster(cluster, tmp_path, sample_data):
+    out = tmp_path / "out"
+    result = submit(cluster, str(REPO / "jobs/generate.py"), "--config", str(REPO / "jobs/configs/demo.yaml"),
+                    *demo_overrides(sample_data, out), "task_bytes=60000")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout.lower()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["read"] == 51
+    assert manifest["counts"]["per_source"]["toolbench"] == {"read": 10, "written": 6, "quarantined": 4}
+    assert len(manifest["files"]) > 8  # several read tasks
+    assert alive_nodes(cluster["address"], cluster["env"]) == ["127.0.0.2", "127.0.0.3"]
+
+
+def test_shared_budget_holds_the_rpm_across_nodes(cluster, tmp_path):
+    """Two actors that could each send 320 requests/s share one 600 RPM budget: any minute of the
+    run sees 600 requests, within 2%."""
+    from agentflan_ray.llm.simulator import SimulatorConfig, SimulatorServer
+
+    server = SimulatorServer(SimulatorConfig(port=0, latency_s=0.05, latency_jitter=0.0, api_key=KEY))
+    url = server.start()
+    try:
+        requests = tmp_path / "requests.jsonl"
+        with open(requests, "w") as f:
+            for i in range(680):
+                f.write(json.dumps({"id": i, "messages": [{"role": "user", "content": f"budget probe {i}"}]}) + "\n")
+        result = submit(cluster, "-m", "agentflan_ray.cli", "chat", f"input={requests}", f"output={tmp_path / 'out'}",
+                        f"llm.base_url={url}", "llm.model=sim-gpt-4", "llm.rpm=600", "llm.actors=2",
+                        "llm.concurrency=16", "llm.batch_size=20", timeout=400)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        times = _answer_times(server)
+    finally:
+        server.stop()
+    assert len(times) == 680
+    start = times[0]
+    first_minute = sum(1 for t in times if start <= t < start + 60)
+    busiest = max(sum(1 for t in times if s <= t < s + 60) for s in times if s + 60 <= times[-1] + 1e-9)
+    assert abs(first_minute - 600) <= 12, first_minute
+    assert busiest <= 612, busiest
+
+
+def _answer_times(server) -> list[float]:
+    import urllib.request
+
+    with urllib.request.urlopen(server.base_url.removesuffix("/v1") + "/stats?times=1", timeout=30) as response:
+        return json.loads(response.read())["answer_times"]

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from agentflan_ray.config import ConfigError, GenerateConfig, load_config
+from agentflan_ray.config import ChatRunConfig, ConfigError, GenerateConfig, load_config
 
 REPO = Path(__file__).parent.parent
 SHIPPED = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
@@ -13,12 +13,31 @@ def test_there_are_shipped_configs():
     assert SHIPPED, "jobs/configs/ holds no config"
 
 
+def config_class(path: Path) -> type:
+    return ChatRunConfig if path.name.startswith("chat") else GenerateConfig
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    config = load_config(GenerateConfig, path)
-    assert config.inputs
-    for spec in config.inputs:
-        assert spec.source
+    config = load_config(config_class(path), path)
+    if isinstance(config, GenerateConfig):
+        assert config.inputs and all(spec.source for spec in config.inputs)
+    else:
+        assert (REPO / config.input).exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("llm.concurrency=0", "llm.concurrency: must be at least 1"),
+        ("llm.rpm=-1", "llm.rpm: must be 0 or more"),
+        ("llm.api_key=sk-123", "llm.api_key: unknown key"),
+        ("llm.prices={gpt-4: 3}", "llm.prices.gpt-4: expected"),
+    ],
+)
+def test_bad_llm_settings_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(ChatRunConfig, None, ["input=x.jsonl", override])
 
 
 def test_overrides_reach_nested_keys_and_parse_values():

@@ -9,7 +9,14 @@ import pytest
 from agentflan_ray.config import LLMConfig
 from agentflan_ray.llm.budget import GCRABudget
 from agentflan_ray.llm.cache import ResponseCache, cache_key
-from agentflan_ray.llm.client import FatalLLMError, LLMClient, ReplyRejected, parse_duration, redact, retry_hint
+from agentflan_ray.llm.client import (
+    FatalLLMError,
+    LLMClient,
+    ReplyRejected,
+    parse_duration,
+    redact,
+    retry_hint,
+)
 from agentflan_ray.llm.simulator import SimulatorConfig, SimulatorServer
 
 KEY = "sk-unit-test-key-0123456789"

@@ -33,6 +33,20 @@ FATAL_STATUS = {401: "the API rejected the key", 403: "the key may not use this 
                 404: "the model or endpoint does not exist"}
 
 
+class Secret:
+    """A credential that can travel to Ray workers but never prints: repr, str and f-strings give ***."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
 class FatalLLMError(RuntimeError):
     """The job cannot succeed (bad key, unknown model): stop now instead of failing every row."""
 
@@ -114,10 +128,12 @@ def default_validation(completion: Completion, wants_json: bool) -> str | None:
 
 
 class LLMClient:
-    def __init__(self, config: LLMConfig, budget=None, validator: Callable[[Completion], str | None] | None = None):
+    def __init__(self, config: LLMConfig, budget=None, validator: Callable[[Completion], str | None] | None = None,
+                 api_key: Secret | None = None):
         self.config = config
         self.base_url, self.model = resolve_endpoint(config)
-        self.api_key = os.environ.get(config.api_key_env, "")
+        # The driver reads the key and hands it to workers as a Secret, so workers need no environment.
+        self.api_key = api_key.value if api_key is not None else os.environ.get(config.api_key_env, "")
         if not self.api_key:
             raise FatalLLMError(f"${config.api_key_env} is not set; export the API key there (for a local "
                                 "simulator or vLLM any non-empty value works)")

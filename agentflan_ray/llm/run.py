@@ -29,7 +29,7 @@ import ray
 
 from agentflan_ray.config import ChatRunConfig
 from agentflan_ray.llm.budget import create_budget
-from agentflan_ray.llm.client import LLMClient
+from agentflan_ray.llm.client import LLMClient, Secret
 from agentflan_ray.llm.stage import RESULT_SCHEMA, ChatStage
 from agentflan_ray.storage import expand, filesystem, join, s3_endpoint
 from agentflan_ray.writing.manifest import package_versions, redacted_config
@@ -87,10 +87,11 @@ def read_requests(config: ChatRunConfig) -> tuple[ray.data.Dataset, int]:
         raise FileNotFoundError(f"input matched no file: {config.input}")
     fs, _ = filesystem(config.input, config.storage)
     paths = [path for path, _, _ in files]
+    # Reading request lines is light; a fraction of a CPU leaves room beside the stage's actors.
     if all(p.endswith(".parquet") for p in paths):
-        dataset = ray.data.read_parquet(paths, filesystem=fs, columns=["request"])
+        dataset = ray.data.read_parquet(paths, filesystem=fs, columns=["request"], num_cpus=0.25)
     else:
-        dataset = ray.data.read_text(paths, filesystem=fs, drop_empty_lines=True).rename_columns({"text": "request"})
+        dataset = ray.data.read_text(paths, filesystem=fs, drop_empty_lines=True, num_cpus=0.25)
     return dataset, dataset.count()
 
 
@@ -114,7 +115,7 @@ def run_chat(config: ChatRunConfig, log=print) -> dict:
     results = dataset.map_batches(
         ChatStage,
         fn_constructor_kwargs={"llm": llm, "cache_uri": join(config.output, "llm_cache"),
-                               "storage": config.storage, "budget": budget},
+                               "storage": config.storage, "budget": budget, "api_key": Secret(probe.api_key)},
         batch_size=llm.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=llm.actors),

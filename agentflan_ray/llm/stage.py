@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from agentflan_ray.config import LLMConfig, StorageConfig
 from agentflan_ray.llm.cache import ResponseCache, cache_key
-from agentflan_ray.llm.client import FatalLLMError, LLMClient
+from agentflan_ray.llm.client import FatalLLMError, LLMClient, Secret
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -43,24 +43,26 @@ def _plain(value):
 
 class ChatStage:
     """``map_batches(ChatStage, fn_constructor_kwargs=..., batch_format="numpy")``: rows whose
-    ``request`` column is the JSON text ``{id, messages, response_format?}`` in, ``RESULT_SCHEMA``
-    rows out."""
+    ``request`` (or ``text``, one JSONL line) column is the JSON text ``{id, messages, response_format?}``
+    in, ``RESULT_SCHEMA`` rows out."""
 
-    def __init__(self, llm: LLMConfig, cache_uri: str, storage: StorageConfig, budget=None):
+    def __init__(self, llm: LLMConfig, cache_uri: str, storage: StorageConfig, budget=None, api_key: Secret | None = None):
         self.llm, self.cache_uri, self.storage, self.budget = llm, cache_uri, storage, budget
+        self.api_key = api_key
         self.client = None
         self.cache = None
         self.semaphore = None
 
     def _setup(self) -> None:
-        self.client = LLMClient(self.llm, self.budget)
+        self.client = LLMClient(self.llm, self.budget, api_key=self.api_key)
         self.cache = ResponseCache(self.cache_uri, self.storage) if self.llm.cache and self.cache_uri else None
         self.semaphore = asyncio.Semaphore(self.llm.concurrency)
 
     async def __call__(self, batch: dict) -> dict:
         if self.client is None:
             self._setup()
-        requests = [parse_request(text) for text in batch["request"].tolist()]
+        column = batch["request"] if "request" in batch else batch["text"]  # Parquet or JSONL lines
+        requests = [parse_request(text) for text in column.tolist()]
         rows = await asyncio.gather(*(self._one(*request) for request in requests))
         return {name: np.array([row[name] for row in rows], dtype=object) for name in RESULT_SCHEMA.names}
 
