@@ -129,3 +129,21 @@ def test_rerun_after_a_kill_pays_nothing_for_answered_requests(ray_session, simu
     # Only requests answered but killed before their reply reached the cache may be asked twice.
     assert stats["repeated_answers"] == answered_before - cached
     assert stats["unique_prompts_answered"] == 150
+
+
+def test_output_and_cache_on_s3(ray_session, simulator, s3_server, s3_bucket, tmp_path):
+    import boto3
+
+    server, url = simulator(latency_s=0.01)
+    requests = tmp_path / "requests.jsonl"
+    write_requests(requests, 30)
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    s3.upload_file(str(requests), s3_bucket, "in/requests.jsonl")
+    config = lambda: chat_config(f"s3://{s3_bucket}/in/requests.jsonl", f"s3://{s3_bucket}/chat", url)  # noqa: E731
+    first = run_chat(config(), log=lambda *_: None)
+    second = run_chat(config(), log=lambda *_: None)
+    assert first["counts"] == {"read": 30, "ok": 30, "dead_letter": 0, "cached": 0}
+    assert second["counts"] == {"read": 30, "ok": 30, "dead_letter": 0, "cached": 30}
+    assert server.stats()["answered"] == 30
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="chat/")["Contents"]]
+    assert "chat/manifest.json" in keys and sum(k.startswith("chat/llm_cache/") for k in keys) == 30
