@@ -98,8 +98,14 @@ def cluster(tmp_path_factory):
 
 
 def submit(cluster, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, "job", "submit", f"--address={cluster['dashboard']}", "--", sys.executable, *args],
-                          env=cluster["env"], capture_output=True, text=True, timeout=timeout)
+    """``ray job submit``, retried while the head's job agent is still starting (nothing was submitted)."""
+    deadline = time.monotonic() + 120
+    while True:
+        result = subprocess.run([RAY, "job", "submit", f"--address={cluster['dashboard']}", "--", sys.executable, *args],
+                                env=cluster["env"], capture_output=True, text=True, timeout=timeout)
+        if "No available agent to submit job" not in result.stderr + result.stdout or time.monotonic() > deadline:
+            return result
+        time.sleep(3)
 
 
 def test_generate_job_submitted_to_a_two_node_cluster(cluster, tmp_path, sample_data):
