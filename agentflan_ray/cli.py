@@ -3,6 +3,7 @@
     agentflan-ray generate --config jobs/configs/demo.yaml [key=value ...]
     agentflan-ray chat --config jobs/configs/chat_demo.yaml [key=value ...]
     agentflan-ray serve-sim --port 8000 --latency 0.5 --rpm 6000 [--error-500 0.05 ...]
+    agentflan-ray make-tiny-model --data ./out/demo --output ./tiny
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     gen = commands.add_parser("generate", help="turn agent trajectories into Agent-FLAN sample shards")
     chat = commands.add_parser("chat", help="answer a file of chat requests through the rate-limited, cached client")
     commands.add_parser("serve-sim", help="start the OpenAI-compatible API simulator (see serve-sim --help)")
+    tiny = commands.add_parser("make-tiny-model", help="a tiny Llama-style model + tokenizer trained on generated data")
+    tiny.add_argument("--data", required=True, help="a generate output directory")
+    tiny.add_argument("--output", required=True)
     for command in (gen, chat):
         command.add_argument("--config", help="YAML config file (see jobs/configs/)")
         command.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys allowed (llm.rpm=600)")
@@ -95,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             manifest = run_generate(args.config, args.overrides)
             counts = manifest["counts"]
             return 0 if counts["read"] == counts["written"] + counts["quarantined"] else 1
+        if args.command == "make-tiny-model":
+            from agentflan_ray.training.tiny_model import make_tiny_model
+
+            print(f"tiny model written to {make_tiny_model(args.data, args.output)}")
+            return 0
         if args.command == "chat":
             manifest = run_chat(args.config, args.overrides)
             counts = manifest["counts"]

@@ -1,0 +1,145 @@
+"""Tokenization with assistant-only labels, packing without cross-sample attention, the DeepSpeed
+config, and the tiny model made from generated data (no Ray, CPU)."""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from agentflan_ray.aligning.align import align
+from agentflan_ray.config import GenerateConfig, load_config
+from agentflan_ray.reading.toolbench import parse_toolbench
+from agentflan_ray.records import SAMPLE_SCHEMA
+from agentflan_ray.training.deepspeed_config import (
+    DeepSpeedSettings,
+    build_deepspeed_config,
+    gradient_accumulation,
+)
+from agentflan_ray.training.packing import block_causal_mask, pack, padding_share
+from agentflan_ray.training.tiny_model import make_tiny_model
+from agentflan_ray.training.tokenize import IGNORE, SkipSample, tokenize_sample
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MESSAGES = [
+    {"role": "system", "content": "You are helpful.", "loss": False, "capability": None},
+    {"role": "user", "content": "Find the weather.", "loss": False, "capability": None},
+    {"role": "assistant", "content": "I should call the weather tool.", "loss": True, "capability": "reasoning"},
+    {"role": "user", "content": "Which tool?", "loss": False, "capability": None},
+    {"role": "assistant", "content": "weather.get", "loss": False, "capability": "retrieval"},
+    {"role": "user", "content": "{\"temp\": 3}", "loss": False, "capability": None},
+    {"role": "assistant", "content": "It is 3 degrees.", "loss": True, "capability": "reasoning"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Sample shards written from the real fixtures, and a tiny model + tokenizer made from them."""
+    root = tmp_path_factory.mktemp("tiny")
+    config = load_config(GenerateConfig, None, ['inputs=[{format: sharegpt, path: x}]', "instruct_share=1.0"])
+    rows = []
+    for path in sorted((FIXTURES / "toolbench/answer").glob("*/*.json")):
+        try:
+            trajectory, _ = parse_toolbench(json.loads(path.read_text()), "toolbench", path.stem)
+        except ValueError:
+            continue
+        rows += [s.to_row() for s in align(trajectory, config)]
+    (root / "data" / "mixed").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), root / "data" / "mixed" / "part-00000.parquet")
+    model_dir = make_tiny_model(str(root / "data"), str(root / "model"))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir), rows
+
+
+def labelled_text(tokenizer, tokenized) -> str:
+    return tokenizer.decode([t for t, label in zip(tokenized.input_ids, tokenized.labels, strict=True) if label != IGNORE])
+
+
+@pytest.mark.parametrize("template, end", [("agentflan", "\u0d3f\n "), ("llama2", " </s>"), ("chat_template", "</s>\n")])
+def test_labels_cover_trained_assistant_turns_and_their_end_marker(tiny, template, end):
+    tokenizer, _, _ = tiny
+    tokenized = tokenize_sample(MESSAGES, tokenizer, template, max_len=4096)
+    assert len(tokenized.input_ids) == len(tokenized.labels)
+    text = labelled_text(tokenizer, tokenized)
+    assert "I should call the weather tool." in text and "It is 3 degrees." in text
+    assert text.rstrip().endswith(end.strip())
+    for untrained in ("weather.get", "Find the weather", "You are helpful", "Which tool", "temp"):
+        assert untrained not in text
+    assert set(tokenized.capability_tokens) == {"reasoning"}
+
+
+def test_samples_without_training_signal_or_too_long_are_skipped_with_a_reason(tiny):
+    tokenizer, _, _ = tiny
+    silent = [dict(m, loss=False) for m in MESSAGES]
+    with pytest.raises(SkipSample, match="no_trained_assistant_turn"):
+        tokenize_sample(silent, tokenizer, "agentflan", 4096)
+    with pytest.raises(SkipSample, match="longer_than_max_seq_len"):
+        tokenize_sample(MESSAGES, tokenizer, "agentflan", 8, overlong="drop")
+    truncated = tokenize_sample(MESSAGES, tokenizer, "agentflan", 30, overlong="truncate")
+    assert len(truncated.input_ids) == 30
+
+
+def test_packing_restarts_positions_and_fills_rows():
+    samples = [([1] * 5, [1] * 5), ([2] * 3, [2] * 3), ([3] * 4, [3] * 4), ([4] * 6, [4] * 6)]
+    rows = list(pack(samples, max_seq_len=12, pad_id=0))
+    assert [r.seq_lens for r in rows] == [[5, 3, 4], [6, 6]]
+    assert rows[0].position_ids == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]
+    assert rows[1].labels[6:] == [IGNORE] * 6 and rows[1].padding == 6
+    assert padding_share(rows) == pytest.approx(6 / 24)
+    with pytest.raises(ValueError, match="does not fit"):
+        list(pack([([1] * 13, [1] * 13)], 12, 0))
+
+
+def test_packed_loss_equals_unpacked_loss(tiny):
+    tokenizer, model, rows = tiny
+    model.eval()
+    tokenized = [tokenize_sample(r["messages"], tokenizer, "chat_template", 256) for r in rows[:4]]
+    samples = [(t.input_ids, t.labels) for t in tokenized]
+
+    def summed_loss(input_ids, labels, **kwargs):
+        logits = model(torch.tensor([input_ids]), **kwargs).logits[0, :-1]
+        target = torch.tensor(labels[1:])
+        return torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum")
+
+    with torch.no_grad():
+        separate = sum(summed_loss(ids, labels) for ids, labels in samples)
+        length = sum(len(ids) for ids, _ in samples) + 7
+        packed = next(pack(samples, max_seq_len=length, pad_id=tokenizer.pad_token_id))
+        mask = block_causal_mask([packed.seq_lens], length)
+        together = summed_loss(packed.input_ids, _no_cross_labels(packed),
+                               position_ids=torch.tensor([packed.position_ids]), attention_mask=mask)
+    assert together.item() == pytest.approx(separate.item(), rel=1e-4)
+
+
+def _no_cross_labels(row):
+    """The first token of each sample has no target from the previous sample."""
+    labels, start = list(row.labels), 0
+    for n in row.seq_lens:
+        if start:
+            labels[start] = IGNORE
+        start += n
+    return labels
+
+
+@pytest.mark.parametrize("world, accumulation", [(1, 16), (2, 8), (4, 4)])
+def test_accumulation_keeps_the_global_batch(world, accumulation):
+    config = build_deepspeed_config(DeepSpeedSettings(global_batch=64, micro_batch=4, zero_stage=3), world)
+    assert config["gradient_accumulation_steps"] == accumulation
+    assert config["train_batch_size"] == 64 == 4 * world * accumulation
+    assert config["zero_optimization"]["stage"] == 3
+    with pytest.raises(ValueError, match="not a multiple"):
+        gradient_accumulation(64, 3, world)
+    with pytest.raises(ValueError, match="offload_params needs zero_stage 3"):
+        build_deepspeed_config(DeepSpeedSettings(zero_stage=2, offload_params=True), 1)
+
+
+def test_tiny_model_loads_and_generates(tiny):
+    tokenizer, model, _ = tiny
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+    assert model.config.vocab_size == len(tokenizer)
