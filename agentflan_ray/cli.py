@@ -4,6 +4,7 @@
     agentflan-ray chat --config jobs/configs/chat_demo.yaml [key=value ...]
     agentflan-ray serve-sim --port 8000 --latency 0.5 --rpm 6000 [--error-500 0.05 ...]
     agentflan-ray make-tiny-model --data ./out/demo --output ./tiny
+    agentflan-ray train --config jobs/configs/train_demo.yaml data=./out/demo model=./tiny max_steps=20
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import os
 import sys
 
-from agentflan_ray.config import ChatRunConfig, ConfigError, GenerateConfig, load_config
+from agentflan_ray.config import ChatRunConfig, ConfigError, GenerateConfig, TrainConfig, load_config
 
 
 def connect_ray(address: str = "") -> None:
@@ -55,6 +56,15 @@ def run_chat(config_path: str | None, overrides: list[str]) -> dict:
     return run(config)
 
 
+def run_train(config_path: str | None, overrides: list[str]) -> dict:
+    config = load_config(TrainConfig, config_path, overrides)
+    prefer_loopback(config.ray_address)
+    from agentflan_ray.training.train import run_train as run
+
+    connect_ray(config.ray_address)
+    return run(config)
+
+
 def serve_sim(argv: list[str]) -> int:
     import asyncio
     import dataclasses
@@ -90,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     tiny = commands.add_parser("make-tiny-model", help="a tiny Llama-style model + tokenizer trained on generated data")
     tiny.add_argument("--data", required=True, help="a generate output directory")
     tiny.add_argument("--output", required=True)
-    for command in (gen, chat):
+    train = commands.add_parser("train", help="DeepSpeed SFT over generated shards with Ray Train")
+    for command in (gen, chat, train):
         command.add_argument("--config", help="YAML config file (see jobs/configs/)")
         command.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys allowed (llm.rpm=600)")
     args = parser.parse_args(argv)
@@ -103,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             from agentflan_ray.training.tiny_model import make_tiny_model
 
             print(f"tiny model written to {make_tiny_model(args.data, args.output)}")
+            return 0
+        if args.command == "train":
+            run_train(args.config, args.overrides)
             return 0
         if args.command == "chat":
             manifest = run_chat(args.config, args.overrides)

@@ -209,6 +209,56 @@ class ChatRunConfig:
             raise ConfigError("output: must not be empty")
 
 
+@dataclass
+class TrainConfig:
+    """The `train` job: DeepSpeed SFT over generated shards with Ray Train."""
+
+    data: str = ""  # a generate output directory (local or s3://)
+    model: str = ""  # a Hugging Face model directory or hub name
+    template: Literal["chat_template", "agentflan", "llama2"] = "chat_template"
+    max_seq_len: int = 2048
+    overlong: Literal["truncate", "drop"] = "truncate"
+    num_workers: int = 2
+    use_gpu: bool = False
+    # Logical CPUs per training worker; below 1 on small CPU machines leaves room for Ray Data.
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    gradient_checkpointing: bool = False
+    global_batch: int = 8  # packed sequences per optimizer step
+    micro_batch: int = 1
+    lr: float = 2e-5
+    warmup_ratio: float = 0.03
+    epochs: int = 3
+    max_steps: int = 0  # 0: epochs decide
+    log_every: int = 1
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    storage_path: str = "./out/checkpoints"
+    run_name: str = "agentflan-sft"
+    export_dir: str = ""
+    seed: int = 0
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray_address: str = ""
+
+    def validate(self, key: str = "") -> None:
+        if not self.data:
+            raise ConfigError("data: required (a generate output directory)")
+        if not self.model:
+            raise ConfigError("model: required (a model directory, e.g. from make-tiny-model)")
+        if self.zero_stage not in (2, 3):
+            raise ConfigError(f"zero_stage: must be 2 or 3, got {self.zero_stage}")
+        for name in ("max_seq_len", "num_workers", "global_batch", "micro_batch", "epochs", "log_every",
+                     "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.global_batch % (self.micro_batch * self.num_workers):
+            raise ConfigError(f"global_batch: {self.global_batch} is not a multiple of micro_batch x num_workers "
+                              f"= {self.micro_batch * self.num_workers}")
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None):
     """Read YAML (if given), apply ``key=value`` overrides, and build a validated ``cls``."""
     data: dict[str, Any] = {}

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from agentflan_ray.config import ChatRunConfig, ConfigError, GenerateConfig, load_config
+from agentflan_ray.config import ChatRunConfig, ConfigError, GenerateConfig, TrainConfig, load_config
 
 REPO = Path(__file__).parent.parent
 SHIPPED = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
@@ -14,6 +14,8 @@ def test_there_are_shipped_configs():
 
 
 def config_class(path: Path) -> type:
+    if path.name.startswith("train"):
+        return TrainConfig
     return ChatRunConfig if path.name.startswith("chat") else GenerateConfig
 
 
@@ -22,6 +24,8 @@ def test_every_shipped_config_loads(path):
     config = load_config(config_class(path), path)
     if isinstance(config, GenerateConfig):
         assert config.inputs and all(spec.source for spec in config.inputs)
+    elif isinstance(config, TrainConfig):
+        assert config.data and config.model
     else:
         assert (REPO / config.input).exists()
 

@@ -30,8 +30,10 @@ class PackedRow:
     padding: int = 0
 
     def add(self, input_ids: list[int], labels: list[int]) -> None:
+        # The first token of a sample is never a target: it would be predicted from the previous
+        # sample's last token. (It is a BOS or a role header, which carries no label anyway.)
+        self.labels += [IGNORE, *labels[1:]] if labels else []
         self.input_ids += input_ids
-        self.labels += labels
         self.position_ids += list(range(len(input_ids)))
         self.seq_lens.append(len(input_ids))
 
