@@ -26,7 +26,10 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def start_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([RAY, "start", "--block", *args], env=env, stdout=log.open("w"),
+    # Free ports for every per-node agent: the session-wide Ray of the other tests holds the defaults.
+    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    return subprocess.Popen([RAY, "start", "--block", *args, *ports], env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -27,6 +27,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from agentflan_ray.config import TrainConfig
+from agentflan_ray.storage import filesystem, is_s3
 from agentflan_ray.training.data import prepare_dataset
 from agentflan_ray.training.deepspeed_config import DeepSpeedSettings, build_deepspeed_config
 from agentflan_ray.training.packing import block_causal_mask
@@ -143,7 +144,7 @@ def run_train(config: TrainConfig, log=print) -> dict:
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(
-            name=config.run_name, storage_path=config.storage_path,
+            name=config.run_name, **checkpoint_storage(config),
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
@@ -156,6 +157,14 @@ def run_train(config: TrainConfig, log=print) -> dict:
         summary["export_dir"] = export_model(config, result.checkpoint)
     log(f"[train] done: step {result.metrics.get('step')}, loss {result.metrics.get('loss', math.nan):.4f}")
     return summary
+
+
+def checkpoint_storage(config: TrainConfig) -> dict:
+    """Checkpoints on S3 go through the same pyarrow client and endpoint as the data."""
+    if not is_s3(config.storage_path):
+        return {"storage_path": os.path.abspath(config.storage_path)}
+    fs, path = filesystem(config.storage_path, config.storage)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def export_model(config: TrainConfig, checkpoint) -> str:
