@@ -24,6 +24,15 @@ class ConfigError(ValueError):
     pass
 
 
+def require_at_least(obj, key: str, names: tuple[str, ...], minimum: int) -> None:
+    """``key.name: must be at least N`` (or ``0 or more``) for the first field below ``minimum``."""
+    for name in names:
+        value = getattr(obj, name)
+        if value < minimum:
+            bound = "0 or more" if minimum == 0 else f"at least {minimum}"
+            raise ConfigError(f"{key + '.' if key else ''}{name}: must be {bound}, got {value}")
+
+
 INPUT_FORMATS = ("toolbench", "agentinstruct", "agentflan", "sharegpt")
 BALANCE_PRESETS = {
     "none": {"reasoning": 1.0, "retrieval": 1.0, "understanding": 1.0},
@@ -178,12 +187,8 @@ class LLMConfig:
     prices: dict = field(default_factory=lambda: dict(DEFAULT_PRICES))
 
     def validate(self, key: str) -> None:
-        for name in ("max_tokens", "max_attempts", "concurrency", "actors", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{key}.{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("rpm", "tpm", "max_reasks"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{key}.{name}: must be 0 or more, got {getattr(self, name)}")
+        require_at_least(self, key, ("max_tokens", "max_attempts", "concurrency", "actors", "batch_size"), 1)
+        require_at_least(self, key, ("rpm", "tpm", "max_reasks"), 0)
         if self.timeout_s <= 0:
             raise ConfigError(f"{key}.timeout_s: must be positive, got {self.timeout_s}")
         for model, price in self.prices.items():
@@ -250,10 +255,8 @@ class TrainConfig:
             raise ConfigError("model: required (a model directory, e.g. from make-tiny-model)")
         if self.zero_stage not in (2, 3):
             raise ConfigError(f"zero_stage: must be 2 or 3, got {self.zero_stage}")
-        for name in ("max_seq_len", "num_workers", "global_batch", "micro_batch", "epochs", "log_every",
-                     "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        require_at_least(self, key, ("max_seq_len", "num_workers", "global_batch", "micro_batch", "epochs",
+                                     "log_every", "checkpoint_every", "keep_checkpoints"), 1)
         if self.global_batch % (self.micro_batch * self.num_workers):
             raise ConfigError(f"global_batch: {self.global_batch} is not a multiple of micro_batch x num_workers "
                               f"= {self.micro_batch * self.num_workers}")

@@ -12,7 +12,6 @@ Read top to bottom, the job is::
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import time
@@ -23,18 +22,12 @@ import ray
 from agentflan_ray.aligning.align import align
 from agentflan_ray.balancing.balance import balance_sample, trained_tokens
 from agentflan_ray.config import GenerateConfig
-from agentflan_ray.reading.decode import (
-    PREVIEW,
-    RawRecord,
-    read_json_values,
-    read_jsonl_range,
-    read_parquet_rows,
-)
+from agentflan_ray.reading.decode import PREVIEW, RawRecord, iter_raw_records
 from agentflan_ray.reading.parse import parse_record
 from agentflan_ray.reading.plan import FileRange, ReadTask, plan_read_tasks
 from agentflan_ray.reading.turns import record_id
 from agentflan_ray.records import Quarantined, RecordError
-from agentflan_ray.storage import filesystem, s3_endpoint
+from agentflan_ray.storage import s3_endpoint
 from agentflan_ray.writing.manifest import (
     build_manifest,
     remove_manifest,
@@ -70,51 +63,6 @@ class Tally:
         self.tokens_after.update(data["tokens_after"])
         self.notes.update(data["notes"])
         self.files.update(data["files"])
-
-
-def iter_raw_records(piece: FileRange, config: GenerateConfig):
-    fs, _ = filesystem(piece.uri, config.storage)
-    try:
-        stream = fs.open_input_file(piece.path)
-    except OSError as exc:
-        yield RawRecord(None, piece.name, "unreadable_file", str(exc))
-        return
-    with stream:
-        if piece.kind == "jsonl":
-            stream = buffered(stream)
-            yield from read_jsonl_range(stream, piece.name, piece.start, piece.end, config.max_record_bytes)
-        elif piece.kind == "parquet":
-            yield from read_parquet_rows(stream, piece.name)
-        else:
-            yield from read_json_values(stream, piece.name, config.max_record_bytes)
-
-
-class _RawNative(io.RawIOBase):
-    """A pyarrow file as a Python raw stream, so ``io.BufferedReader`` gives us ``readline(limit)``."""
-
-    def __init__(self, native):
-        self.native = native
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        data = self.native.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self.native.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self.native.tell()
-
-
-def buffered(native) -> io.BufferedReader:
-    return io.BufferedReader(_RawNative(native), buffer_size=1 << 20)
 
 
 def run_read_task(row: dict, config: GenerateConfig) -> dict:

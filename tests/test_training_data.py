@@ -109,19 +109,9 @@ def test_packed_loss_equals_unpacked_loss(tiny):
         length = sum(len(ids) for ids, _ in samples) + 7
         packed = next(pack(samples, max_seq_len=length, pad_id=tokenizer.pad_token_id))
         mask = block_causal_mask([packed.seq_lens], length)
-        together = summed_loss(packed.input_ids, _no_cross_labels(packed),
+        together = summed_loss(packed.input_ids, packed.labels,
                                position_ids=torch.tensor([packed.position_ids]), attention_mask=mask)
     assert together.item() == pytest.approx(separate.item(), rel=1e-4)
-
-
-def _no_cross_labels(row):
-    """The first token of each sample has no target from the previous sample."""
-    labels, start = list(row.labels), 0
-    for n in row.seq_lens:
-        if start:
-            labels[start] = IGNORE
-        start += n
-    return labels
 
 
 @pytest.mark.parametrize("world, accumulation", [(1, 16), (2, 8), (4, 4)])

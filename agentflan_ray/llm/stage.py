@@ -30,17 +30,6 @@ RESULT_SCHEMA = pa.schema(
 )
 
 
-def _plain(value):
-    """numpy/arrow values from a Ray batch -> plain Python (messages arrive as object arrays)."""
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items() if v is not None}
-    return value
-
-
 class ChatStage:
     """``map_batches(ChatStage, fn_constructor_kwargs=..., batch_format="numpy")``: rows whose
     ``request`` (or ``text``, one JSONL line) column is the JSON text ``{id, messages, response_format?}``
@@ -115,7 +104,6 @@ def _messages(value):
             value = json.loads(value)
         except json.JSONDecodeError:
             return "messages: not valid JSON"
-    value = _plain(value)
     if not isinstance(value, list) or not value:
         return "messages: expected a non-empty list"
     for message in value:
@@ -125,7 +113,6 @@ def _messages(value):
 
 
 def _format(value):
-    value = _plain(value)
     if isinstance(value, str) and value:
         try:
             value = json.loads(value)

@@ -9,12 +9,16 @@ is finished.
 from __future__ import annotations
 
 import codecs
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.parquet as pq
+
+from agentflan_ray.reading.plan import FileRange
+from agentflan_ray.storage import filesystem
 
 CHUNK = 1 << 20
 PREVIEW = 2000
@@ -141,13 +145,12 @@ def read_json_values(stream, name: str, max_record_bytes: int) -> Iterator[RawRe
                         yield RawRecord(None, f"{name}#{index}", "invalid_json", str(exc),
                                         buf[pos : pos + PREVIEW], len(buf) - pos)
                         return
-            size = end - pos
-            text_end = end
-            pos = end
+            start, pos = pos, end
+            size = end - start
             if size > max_record_bytes:
                 yield RawRecord(None, f"{name}#{index}", "record_too_large",
                                 f"record of {size} characters exceeds max_record_bytes={max_record_bytes}",
-                                buf[text_end - size : text_end - size + PREVIEW], size)
+                                buf[start : start + PREVIEW], size)
             else:
                 yield RawRecord(value, f"{name}#{index}", size=size)
             index += 1
@@ -169,3 +172,49 @@ def read_parquet_rows(stream, name: str) -> Iterator[RawRecord]:
 
 def _preview(raw: bytes) -> str:
     return raw[:PREVIEW].decode("utf-8", errors="replace")
+
+
+def iter_raw_records(piece: FileRange, config) -> Iterator[RawRecord]:
+    """Every unit of one file piece, opened through local disk or S3."""
+    fs, _ = filesystem(piece.uri, config.storage)
+    try:
+        stream = fs.open_input_file(piece.path)
+    except OSError as exc:
+        yield RawRecord(None, piece.name, "unreadable_file", str(exc))
+        return
+    with stream:
+        if piece.kind == "jsonl":
+            stream = buffered(stream)
+            yield from read_jsonl_range(stream, piece.name, piece.start, piece.end, config.max_record_bytes)
+        elif piece.kind == "parquet":
+            yield from read_parquet_rows(stream, piece.name)
+        else:
+            yield from read_json_values(stream, piece.name, config.max_record_bytes)
+
+
+class _RawNative(io.RawIOBase):
+    """A pyarrow file as a Python raw stream, so ``io.BufferedReader`` gives us ``readline(limit)``."""
+
+    def __init__(self, native):
+        self.native = native
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.native.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.native.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.native.tell()
+
+
+def buffered(native) -> io.BufferedReader:
+    return io.BufferedReader(_RawNative(native), buffer_size=1 << 20)

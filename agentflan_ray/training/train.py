@@ -139,7 +139,7 @@ def run_train(config: TrainConfig, log=print) -> dict:
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": {k: v for k, v in asdict(config).items()}, "steps_per_epoch": steps_per_epoch,
+        train_loop_config={"config": asdict(config), "steps_per_epoch": steps_per_epoch,
                            "total_steps": total_steps},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
