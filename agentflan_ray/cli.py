@@ -51,9 +51,9 @@ def run_chat(config_path: str | None, overrides: list[str]) -> dict:
     from agentflan_ray.llm.run import check_endpoint
     from agentflan_ray.llm.run import run_chat as run
 
-    check_endpoint(config)  # before starting Ray: a bad key fails in a second
+    probe = check_endpoint(config)  # before starting Ray: a bad key fails in a second
     connect_ray(config.ray_address)
-    return run(config)
+    return run(config, probe=probe)
 
 
 def run_train(config_path: str | None, overrides: list[str]) -> dict:

@@ -147,3 +147,22 @@ def test_output_and_cache_on_s3(ray_session, simulator, s3_server, s3_bucket, tm
     assert server.stats()["answered"] == 30
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="chat/")["Contents"]]
     assert "chat/manifest.json" in keys and sum(k.startswith("chat/llm_cache/") for k in keys) == 30
+
+
+def test_result_files_rotate_and_count_rows_where_they_were_written(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from agentflan_ray.config import StorageConfig
+    from agentflan_ray.llm import run as chat_run
+    from agentflan_ray.llm.stage import RESULT_SCHEMA
+
+    monkeypatch.setattr(chat_run, "ROWS_PER_FILE", 5)
+    writer = chat_run.ResultWriter(str(tmp_path), StorageConfig())
+    for batch in range(3):
+        rows = [{"id": f"{batch}-{i}", "status": "ok", "content": "x", "finish_reason": "stop", "error": "",
+                 "prompt_tokens": 1, "completion_tokens": 1, "attempts": 1, "cached": False} for i in range(4)]
+        writer.write(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA))
+    files = writer.close()
+    assert files == {"responses/part-00000.parquet": 8, "responses/part-00001.parquet": 4}
+    for name, rows in files.items():
+        assert pq.read_metadata(tmp_path / name).num_rows == rows

@@ -55,15 +55,15 @@ class ResultWriter:
         for status, folder in (("ok", "responses"), ("dead_letter", "dead_letters")):
             part = table.filter(pc.equal(table["status"], status))
             if part.num_rows:
-                self._writer(folder).write_table(part)
+                name = self._name(folder)  # the part this batch goes to, before counting it
+                self._writer(folder, name).write_table(part)
                 self.rows[folder] = self.rows.get(folder, 0) + part.num_rows
-                self.files[self._name(folder)] = self.files.get(self._name(folder), 0) + part.num_rows
+                self.files[name] = self.files.get(name, 0) + part.num_rows
 
     def _name(self, folder: str) -> str:
         return f"{folder}/part-{self.rows.get(folder, 0) // ROWS_PER_FILE:05d}.parquet"
 
-    def _writer(self, folder: str) -> pq.ParquetWriter:
-        name = self._name(folder)
+    def _writer(self, folder: str, name: str) -> pq.ParquetWriter:
         current = self.writers.get(folder)
         if current is not None and current.where != posixpath.join(self.root, name):
             current.close()
@@ -102,11 +102,12 @@ def check_endpoint(config: ChatRunConfig) -> LLMClient:
     return probe
 
 
-def run_chat(config: ChatRunConfig, log=print) -> dict:
+def run_chat(config: ChatRunConfig, log=print, probe: LLMClient | None = None) -> dict:
+    """``probe``: the client of an earlier ``check_endpoint`` (the CLI checks before starting Ray)."""
     if not config.storage.endpoint_url:
         config.storage.endpoint_url = s3_endpoint(config.storage)
     started = time.monotonic()
-    probe = check_endpoint(config)
+    probe = probe or check_endpoint(config)
     llm = config.llm
     budget = create_budget(llm.rpm, llm.tpm, llm.burst_s, llm.learn_limits)
     dataset, total = read_requests(config)
