@@ -223,8 +223,14 @@ class TrainConfig:
     template: Literal["chat_template", "agentflan", "llama2"] = "chat_template"
     max_seq_len: int = 2048
     overlong: Literal["truncate", "drop"] = "truncate"
-    num_workers: int = 2
+    # A number, or [min, max] for an elastic run: Ray Train starts with as many workers as the
+    # cluster has room for (at least min) and resizes when nodes come or go; the global batch holds.
+    num_workers: int | list[int] = 2
+    elastic_resize_interval_s: float = 60.0
     use_gpu: bool = False
+    # auto: FlashAttention-2 variable-length attention when on GPU with flash-attn installed,
+    # otherwise the model's default attention with an exact block-causal mask.
+    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     # Logical CPUs per training worker; below 1 on small CPU machines leaves room for Ray Data.
     cpus_per_worker: float = 1.0
     zero_stage: int = 2
@@ -240,6 +246,8 @@ class TrainConfig:
     log_every: int = 1
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    # Peak FLOP/s per worker for the MFU figure; 0: looked up from the GPU's name (none on CPU).
+    peak_flops_per_worker: float = 0.0
     max_failures: int = 2
     storage_path: str = "./out/checkpoints"
     run_name: str = "agentflan-sft"
@@ -255,11 +263,25 @@ class TrainConfig:
             raise ConfigError("model: required (a model directory, e.g. from make-tiny-model)")
         if self.zero_stage not in (2, 3):
             raise ConfigError(f"zero_stage: must be 2 or 3, got {self.zero_stage}")
-        require_at_least(self, key, ("max_seq_len", "num_workers", "global_batch", "micro_batch", "epochs",
+        require_at_least(self, key, ("max_seq_len", "global_batch", "micro_batch", "epochs",
                                      "log_every", "checkpoint_every", "keep_checkpoints"), 1)
-        if self.global_batch % (self.micro_batch * self.num_workers):
-            raise ConfigError(f"global_batch: {self.global_batch} is not a multiple of micro_batch x num_workers "
-                              f"= {self.micro_batch * self.num_workers}")
+        if isinstance(self.num_workers, list) and (len(self.num_workers) != 2 or self.num_workers[0] > self.num_workers[1]):
+            raise ConfigError(f"num_workers: a number or [min, max] with min <= max, got {self.num_workers}")
+        if self.min_workers < 1:
+            raise ConfigError(f"num_workers: must be at least 1, got {self.num_workers}")
+        uneven = [n for n in range(self.min_workers, self.max_workers + 1) if self.global_batch % (self.micro_batch * n)]
+        if uneven:
+            raise ConfigError(f"global_batch: {self.global_batch} is not a multiple of micro_batch x workers for "
+                              f"{uneven} workers (micro_batch={self.micro_batch}); the global batch must hold at "
+                              f"every size num_workers allows")
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None):

@@ -1,6 +1,15 @@
 """Ray Train + DeepSpeed on CPU with two workers and a tiny model: ZeRO-2 and ZeRO-3 train, a
-rerun resumes from the checkpoint, and the exported model loads and stops at its end marker."""
+rerun resumes from the checkpoint (local or S3), a killed worker is replaced, a resumed run may have
+another number of workers, bad samples are counted, and the exported model loads and stops at its
+end marker."""
 
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -25,7 +34,12 @@ def tiny_run(tmp_path_factory):
     ]
     rows = [{"id": f"s{i}", "source": "synthetic", "source_id": f"s{i}", "stream": "general", "messages": messages,
              "tools": "[]"} for i in range(48)]
+    # Bad data, each counted and skipped: no trained turn, no assistant turn, longer than max_seq_len
+    # (with overlong=drop), and a shard with no rows.
     rows.append({**rows[0], "id": "silent", "messages": [dict(m, loss=False) for m in messages]})
+    rows.append({**rows[0], "id": "no-assistant", "messages": messages[:2]})
+    long_turn = dict(messages[2], content="Paris " * 200)
+    rows.append({**rows[0], "id": "long", "messages": [*messages[:2], long_turn]})
     (root / "data" / "general").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), root / "data/general/part-00000.parquet")
     (root / "data" / "empty").mkdir()
@@ -38,22 +52,31 @@ def config(root, *overrides):
     return load_config(TrainConfig, None, [
         f"data={root / 'data'}", f"model={root / 'model'}", "max_seq_len=128", "global_batch=4", "micro_batch=1",
         "num_workers=2", "cpus_per_worker=0.5", "lr=0.003", "warmup_ratio=0.0", f"storage_path={root / 'ckpt'}",
-        *overrides,
+        "overlong=drop", *overrides,
     ])
 
 
 def test_zero2_trains_resumes_and_exports(ray_session, tiny_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    lines = []
     first = run_train(config(tiny_run, "zero_stage=2", "max_steps=12", "checkpoint_every=6", "run_name=z2"),
-                      log=lambda *_: None)
-    assert first["data"]["skipped"] == {"no_trained_assistant_turn": 1}
-    assert first["metrics"]["step"] == 12 and first["metrics"]["resumed_from"] == 0
+                      log=lines.append)
+    assert first["data"]["skipped"] == {"no_trained_assistant_turn": 2, "longer_than_max_seq_len": 1}
+    assert first["data"]["samples"] == 51 and first["data"]["rows"] == 24
+    assert "skipped: {'no_trained_assistant_turn': 2, 'longer_than_max_seq_len': 1}" in lines[0]
+    metrics = first["metrics"]
+    assert metrics["step"] == 12 and metrics["resumed_from"] == 0 and metrics["rows_out_of_order"] == 0
+    assert (metrics["epoch"], metrics["data_position"]) == (1, 24)  # 12 steps x 4 rows: two epochs of 24 rows
+    assert 0 < metrics["padding_share"] < 0.2 and metrics["tokens_per_s"] > 0 and "mfu" not in metrics
+    events = list((tiny_run / "ckpt" / "z2" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
 
     export = tiny_run / "export"
     second = run_train(config(tiny_run, "zero_stage=2", "max_steps=24", "checkpoint_every=6", "run_name=z2",
                               f"export_dir={export}"), log=lambda *_: None)
     assert second["metrics"]["resumed_from"] == 12 and second["metrics"]["step"] == 24
+    assert second["metrics"]["rows_out_of_order"] == 0
 
     tokenizer = AutoTokenizer.from_pretrained(export)
     model = AutoModelForCausalLM.from_pretrained(export).eval()
@@ -80,3 +103,70 @@ def test_zero3_trains(ray_session, tiny_run):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tiny_run / "export3") is not None
+
+
+def kill_a_train_worker_after(storage, step: int, stop: threading.Event) -> dict:
+    """Watch for the checkpoint of ``step``, then SIGKILL one Ray Train worker process, as the OOM
+    killer or a lost node would."""
+    killed = {}
+
+    def watch():
+        while not stop.is_set():
+            states = [json.loads(p.read_text()) for p in storage.glob("checkpoint_*/agentflan_state.json")]
+            if any(s["step"] >= step for s in states):
+                for process in psutil.process_iter(["cmdline"]):
+                    if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
+                        os.kill(process.pid, signal.SIGKILL)
+                        killed["pid"] = process.pid
+                        return
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return killed
+
+
+def test_a_killed_worker_is_replaced_and_training_continues(ray_session, tiny_run):
+    stop = threading.Event()
+    killed = kill_a_train_worker_after(tiny_run / "ckpt" / "kill", 8, stop)
+    try:
+        result = run_train(config(tiny_run, "max_steps=30", "checkpoint_every=4", "run_name=kill", "max_failures=2"),
+                           log=lambda *_: None)
+    finally:
+        stop.set()
+    assert killed, "no worker was killed: the run ended before its step-8 checkpoint was seen"
+    metrics = result["metrics"]
+    assert metrics["step"] == 30 and metrics["resumed_from"] in (4, 8, 12)  # restarted from a checkpoint
+    assert metrics["rows_out_of_order"] == 0
+
+
+def test_resume_on_another_number_of_workers(ray_session, tiny_run):
+    """Two workers write a ZeRO-2 checkpoint; an elastic rerun that only has room for one worker
+    converts it to a universal checkpoint and continues with the same global batch."""
+    first = run_train(config(tiny_run, "max_steps=6", "checkpoint_every=6", "run_name=resize"), log=lambda *_: None)
+    assert first["metrics"]["world_size"] == 2
+    second = run_train(config(tiny_run, "max_steps=12", "checkpoint_every=6", "run_name=resize",
+                              "num_workers=[1, 2]", "cpus_per_worker=1.5", "elastic_resize_interval_s=5"),
+                       log=lambda *_: None)
+    metrics = second["metrics"]
+    assert metrics["world_size"] == 1 and metrics["resumed_from"] == 6 and metrics["step"] == 12
+    assert metrics["rows_out_of_order"] == 0 and metrics["data_position"] == 24
+    # Six more steps from the converted weights, not six steps of a cold start (which would land at
+    # about the first run's loss: same seed, same rows).
+    assert metrics["loss"] < first["metrics"]["loss"] * 0.9, (first["metrics"]["loss"], metrics["loss"])
+
+
+def test_checkpoints_on_s3_resume(ray_session, tiny_run, s3_bucket):
+    storage = f"s3://{s3_bucket}/ckpt"
+    first = run_train(config(tiny_run, "max_steps=4", "checkpoint_every=2", "run_name=s3", f"storage_path={storage}"),
+                      log=lambda *_: None)
+    assert first["checkpoint"].startswith(f"{s3_bucket}/ckpt/s3/checkpoint_")
+    second = run_train(config(tiny_run, "max_steps=6", "checkpoint_every=2", "run_name=s3",
+                              f"storage_path={storage}"), log=lambda *_: None)
+    assert second["metrics"]["resumed_from"] == 4 and second["metrics"]["step"] == 6
+
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert any(k.startswith("ckpt/s3/tensorboard/events.out.tfevents.") for k in keys)
+    checkpoints = {k.split("/")[2] for k in keys if k.startswith("ckpt/s3/checkpoint_2")}
+    assert len(checkpoints) == 2  # keep_checkpoints

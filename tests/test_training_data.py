@@ -108,9 +108,9 @@ def test_packed_loss_equals_unpacked_loss(tiny):
         separate = sum(summed_loss(ids, labels) for ids, labels in samples)
         length = sum(len(ids) for ids, _ in samples) + 7
         packed = next(pack(samples, max_seq_len=length, pad_id=tokenizer.pad_token_id))
-        mask = block_causal_mask([packed.seq_lens], length)
-        together = summed_loss(packed.input_ids, packed.labels,
-                               position_ids=torch.tensor([packed.position_ids]), attention_mask=mask)
+        positions = torch.tensor([packed.position_ids])
+        together = summed_loss(packed.input_ids, packed.labels, position_ids=positions,
+                               attention_mask=block_causal_mask(positions))
     assert together.item() == pytest.approx(separate.item(), rel=1e-4)
 
 
@@ -133,3 +133,35 @@ def test_tiny_model_loads_and_generates(tiny):
     out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] > ids.shape[1]
     assert model.config.vocab_size == len(tokenizer)
+
+
+def test_a_batch_with_no_trainable_sample_keeps_its_counts(tiny):
+    """Every sample of the batch is skipped: one count-only row (no tokens) carries the reasons."""
+    from agentflan_ray.training.data import TokenizeAndPack
+
+    silent = [dict(m, loss=False) for m in MESSAGES]
+    pack_fn = TokenizeAndPack(tiny[0].name_or_path, "chat_template", 64, "drop")
+    out = pack_fn({"messages": [silent, MESSAGES[:2]]})
+    assert out["real_tokens"].tolist() == [0] and len(out["input_ids"][0]) == 0
+    assert json.loads(out["stats"][0])["skipped"] == {"no_trained_assistant_turn": 2}
+
+
+def test_prepared_rows_are_numbered_blocks_of_one_micro_batch(ray_session, tiny, tmp_path):
+    """Shuffled by a seed, counted, and cut into blocks of micro_batch rows numbered 0..n-1, the
+    same on every run."""
+    from agentflan_ray.config import TrainConfig
+    from agentflan_ray.training.data import prepare_dataset
+
+    data = Path(tiny[0].name_or_path).parent / "data"
+    config = load_config(TrainConfig, None, [f"data={data}", f"model={tiny[0].name_or_path}", "max_seq_len=512",
+                                             "micro_batch=2", "global_batch=4", "num_workers=2"])
+    dataset, report = prepare_dataset(config)
+    assert report["samples"] == len(tiny[2]) == report["packed"] + sum(report["skipped"].values())
+    batches = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    assert [len(b["row"]) for b in batches[:-1]] == [2] * (len(batches) - 1)
+    assert [int(r) for b in batches for r in b["row"]] == list(range(report["rows"]))
+    real = sum(int(t) for b in batches for t in b["real_tokens"])
+    assert real == report["tokens"] - report["padding"]
+    again, _ = prepare_dataset(config)
+    first_rows = [b["input_ids"][0].tolist() for b in batches]
+    assert [b["input_ids"][0].tolist() for b in again.iter_batches(batch_size=None, batch_format="numpy")] == first_rows

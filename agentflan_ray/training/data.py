@@ -1,23 +1,37 @@
 """Generated shards -> packed training rows, in Ray Data, before any worker starts.
 
     read_parquet(<data>/<stream>/part-*.parquet, quarantine excluded)
-      .map_batches(TokenizeAndPack)   tokenize with the template, pack to max_seq_len
-      .materialize()                  small (token ids only); counted, then split equally
+      .sort(hash(seed, id))            a seeded shuffle that does not depend on read order
+      .map_batches(TokenizeAndPack)    tokenize with the template, pack to max_seq_len
+      .materialize()                   small (token ids only); counted
+      .repartition(micro_batch rows)   one block per micro-batch, numbered by `row`
 
-Every packed row carries the per-batch counts of the samples it came from in its first row, so the
-driver can report samples read, packed and skipped (by reason) without a second pass.
+Every output batch of TokenizeAndPack carries its counts (samples, skips by reason, trained tokens
+by capability, padding) on its first row; a batch in which no sample survives yields one empty
+row for its counts, dropped after counting. So the report needs no second pass and loses nothing.
+
+Why blocks of exactly ``micro_batch`` rows: Ray Train splits the dataset with
+``streaming_split(n, equal=True)``, which (order preserved, locality off) hands each next block to
+the worker that has received the fewest rows so far. With equal blocks that is round robin: worker
+``r`` of ``n`` gets blocks ``r, r+n, r+2n, ...``. So the first ``k`` micro-batches of every worker
+are exactly the first ``k x n x micro_batch`` rows, whatever ``n`` is, and a resume, even on a
+different number of workers, skips exactly the rows already trained on. The ``row`` column lets
+each worker check that, and the training loop reports any row out of place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
+import ray
 
 from agentflan_ray.config import TrainConfig
 from agentflan_ray.storage import expand, filesystem
-from agentflan_ray.training.packing import pack
+from agentflan_ray.training.packing import PackedRow, pack
 from agentflan_ray.training.tokenize import SkipSample, tokenize_sample
 
 
@@ -30,7 +44,7 @@ class TokenizeAndPack:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
     def __call__(self, batch: dict) -> dict:
-        samples, skipped, capability = [], Counter(), Counter()
+        samples, skipped, capability, truncated = [], Counter(), Counter(), 0
         for messages in batch["messages"]:
             messages = [dict(m) for m in messages]
             try:
@@ -39,11 +53,16 @@ class TokenizeAndPack:
                 skipped[exc.reason] += 1
                 continue
             samples.append((tokenized.input_ids, tokenized.labels))
+            truncated += tokenized.truncated
             capability.update(tokenized.capability_tokens)
         rows = list(pack(samples, self.max_seq_len, self.pad_id))
-        stats = json.dumps({"samples": len(batch["messages"]), "packed": len(samples), "skipped": dict(skipped),
+        stats = json.dumps({"samples": len(batch["messages"]), "packed": len(samples), "truncated": truncated,
+                            "skipped": dict(skipped),
                             "trained_tokens": dict(capability), "padding": sum(r.padding for r in rows),
                             "tokens": len(rows) * self.max_seq_len})
+        if not rows:
+            rows = [PackedRow()]  # carries the counts only; dropped after counting
+
         def column(name: str) -> np.ndarray:
             values = np.empty(len(rows), dtype=object)
             values[:] = [np.array(getattr(r, name), dtype=np.int64) for r in rows]
@@ -53,7 +72,7 @@ class TokenizeAndPack:
             "input_ids": column("input_ids"),
             "labels": column("labels"),
             "position_ids": column("position_ids"),
-            "seq_lens": column("seq_lens"),
+            "real_tokens": np.array([len(r.input_ids) - r.padding for r in rows], dtype=np.int64),
             "stats": np.array([stats if i == 0 else "" for i in range(len(rows))], dtype=object),
         }
 
@@ -66,27 +85,64 @@ def shard_paths(config: TrainConfig) -> list[str]:
     return paths
 
 
+def shuffle_key(batch: pa.Table, seed: int) -> pa.Table:
+    keys = [hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).hexdigest() for i in batch.column("id").to_pylist()]
+    return batch.append_column("_order", pa.array(keys))
+
+
 def prepare_dataset(config: TrainConfig):
-    """The packed, materialized dataset and the data report (samples, skips, padding share)."""
-    import ray
+    """The packed dataset (blocks of ``micro_batch`` rows, numbered) and the data report."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # the same rows in the same order on every run
+    try:
+        return _prepare(config)
+    finally:
+        context.execution_options.preserve_order = preserve_order
+
+
+def _prepare(config: TrainConfig):
+    import ray.data
+    from ray.data.expressions import col
 
     fs, _ = filesystem(config.data, config.storage)
-    dataset = ray.data.read_parquet(shard_paths(config), filesystem=fs, columns=["messages"])
-    packed = dataset.map_batches(
+    samples = ray.data.read_parquet(shard_paths(config), filesystem=fs, columns=["id", "messages"])
+    shuffled = samples.map_batches(shuffle_key, fn_kwargs={"seed": config.seed}, batch_format="pyarrow").sort("_order")
+    packed = shuffled.map_batches(
         TokenizeAndPack, fn_constructor_kwargs={"model": config.model, "template": config.template,
                                                 "max_seq_len": config.max_seq_len, "overlong": config.overlong},
         batch_size=512, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
     ).materialize()
-    report = {"samples": 0, "packed": 0, "skipped": Counter(), "trained_tokens": Counter(), "padding": 0, "tokens": 0}
+    report = {"samples": 0, "packed": 0, "truncated": 0, "skipped": Counter(), "trained_tokens": Counter(),
+              "padding": 0, "tokens": 0}
     for batch in packed.select_columns(["stats"]).iter_batches(batch_format="numpy"):
         for text in batch["stats"]:
             if text:
                 stats = json.loads(text)
-                for key in ("samples", "packed", "padding", "tokens"):
+                for key in ("samples", "packed", "truncated", "padding", "tokens"):
                     report[key] += stats[key]
                 report["skipped"].update(stats["skipped"])
                 report["trained_tokens"].update(stats["trained_tokens"])
-    report["rows"] = packed.count()
     report["padding_share"] = report["padding"] / report["tokens"] if report["tokens"] else 0.0
     report["skipped"], report["trained_tokens"] = dict(report["skipped"]), dict(report["trained_tokens"])
-    return packed.drop_columns(["stats"]), report
+    rows = packed.filter(expr=col("real_tokens") > 0).drop_columns(["stats"])
+    blocks = rows.to_arrow_refs()  # in order: preserve_order is on
+    counts = ray.get([_num_rows.remote(block) for block in blocks])
+    report["rows"] = sum(counts)
+    if not report["rows"]:
+        return None, report
+    offsets = np.cumsum([0, *counts[:-1]]).tolist()
+    numbered = ray.data.from_arrow_refs([_number.remote(b, o) for b, o in zip(blocks, offsets, strict=True)])
+    return numbered.repartition(target_num_rows_per_block=config.micro_batch, strict=True).materialize(), report
+
+
+@ray.remote(num_cpus=0.25)
+def _num_rows(table: pa.Table) -> int:
+    return table.num_rows
+
+
+@ray.remote(num_cpus=0.25)
+def _number(table: pa.Table, offset: int) -> pa.Table:
+    return table.append_column("row", pa.array(range(offset, offset + table.num_rows), pa.int64()))

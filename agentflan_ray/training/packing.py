@@ -10,7 +10,7 @@
 Samples are packed in order, greedily: a sample that does not fit starts a new row, and the
 unused tail of a row is padding (label -100, its own attention block). On GPU with
 FlashAttention-2, ``position_ids`` alone select variable-length attention; elsewhere
-``block_causal_mask`` builds the exact equivalent as a 4D additive mask.
+``block_causal_mask`` builds the exact equivalent from the same position ids as a 4D additive mask.
 """
 
 from __future__ import annotations
@@ -62,20 +62,20 @@ def pack(samples: Iterable[tuple[list[int], list[int]]], max_seq_len: int, pad_i
         yield row.pad_to(max_seq_len, pad_id)
 
 
-def block_causal_mask(seq_lens_per_row: list[list[int]], length: int, dtype=None):
-    """A (batch, 1, length, length) additive mask: 0 where a token may attend, -inf elsewhere."""
+def block_causal_mask(position_ids, dtype=None):
+    """A (batch, 1, length, length) additive mask from packed position ids: 0 where a token may
+    attend (same sample, not later), the dtype's minimum elsewhere. A sample starts wherever the
+    position id is 0, so the padding tail is a block of its own."""
     import torch
 
     dtype = dtype or torch.float32
-    mask = torch.full((len(seq_lens_per_row), 1, length, length), torch.finfo(dtype).min, dtype=dtype)
-    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
-    for b, seq_lens in enumerate(seq_lens_per_row):
-        start = 0
-        for n in seq_lens:
-            block = causal[:n, :n]
-            mask[b, 0, start : start + n, start : start + n].masked_fill_(block, 0.0)
-            start += n
-    return mask
+    sample = torch.cumsum(position_ids == 0, dim=1)  # (batch, length): which sample each token is in
+    same = sample[:, :, None] == sample[:, None, :]
+    causal = torch.tril(torch.ones(position_ids.shape[1], position_ids.shape[1], dtype=torch.bool,
+                                   device=position_ids.device))
+    allowed = (same & causal)[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device).masked_fill_(~allowed,
+                                                                                           torch.finfo(dtype).min)
 
 
 def padding_share(rows: list[PackedRow]) -> float:

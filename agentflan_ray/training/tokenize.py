@@ -34,6 +34,7 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]
     capability_tokens: dict[str, int]
+    truncated: bool = False  # cut to max_seq_len (overlong: truncate); counted in the data report
 
 
 class SkipSample(ValueError):
@@ -128,4 +129,5 @@ def tokenize_sample(messages: list[dict], tokenizer, template: str, max_len: int
         ids, labels = ids[:max_len], labels[:max_len]
         if all(label == IGNORE for label in labels):
             raise SkipSample("no_trained_token_within_max_seq_len")
+        return Tokenized(ids, labels, capability_tokens, truncated=True)
     return Tokenized(ids, labels, capability_tokens)
