@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tiny model written to {make_tiny_model(args.data, args.output)}")
             return 0
         if args.command == "train":
-            run_train(args.config, args.overrides)
+            summary = run_train(args.config, args.overrides)
+            print("[train] summary " + json.dumps(summary, default=str))
             return 0
         if args.command == "chat":
             manifest = run_chat(args.config, args.overrides)

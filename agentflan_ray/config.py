@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -243,7 +244,9 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     epochs: int = 3
     max_steps: int = 0  # 0: epochs decide
-    log_every: int = 1
+    log_every: int = 1  # steps between TensorBoard points
+    # Seconds between metric reports to Ray Train (each is a barrier; checkpoints always report).
+    report_interval_s: float = 10.0
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     # Peak FLOP/s per worker for the MFU figure; 0: looked up from the GPU's name (none on CPU).
@@ -274,6 +277,12 @@ class TrainConfig:
             raise ConfigError(f"global_batch: {self.global_batch} is not a multiple of micro_batch x workers for "
                               f"{uneven} workers (micro_batch={self.micro_batch}); the global batch must hold at "
                               f"every size num_workers allows")
+
+    @property
+    def block_rows(self) -> int:
+        """Rows per dataset block: the largest size that divides every worker's share of a step
+        (global_batch / n) at every allowed world size n, so steps never split a block."""
+        return math.gcd(*(self.global_batch // n for n in range(self.min_workers, self.max_workers + 1)))
 
     @property
     def min_workers(self) -> int:

@@ -7,6 +7,7 @@ credentials.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -90,3 +91,42 @@ def demo_overrides(data: Path, output: Path | str) -> list[str]:
         f'{{format: agentflan, path: "{data}/agentflan/*.json"}}]',
         "instruct_share=0.5",
     ]
+
+
+ANSWER = "The capital of France is Paris."
+
+
+def write_tiny_data(root):
+    """48 copies of one short conversation, the bad samples below, an empty shard, and a tiny model."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from agentflan_ray.records import SAMPLE_SCHEMA
+    from agentflan_ray.training.tiny_model import make_tiny_model
+
+    messages = [
+        {"role": "system", "content": "You answer briefly.", "loss": False, "capability": None},
+        {"role": "user", "content": "What is the capital of France?", "loss": False, "capability": None},
+        {"role": "assistant", "content": ANSWER, "loss": True, "capability": "reasoning"},
+    ]
+    rows = [{"id": f"s{i}", "source": "synthetic", "source_id": f"s{i}", "stream": "general", "messages": messages,
+             "tools": "[]"} for i in range(48)]
+    # Bad data, each counted and skipped: no trained turn, no assistant turn, longer than max_seq_len
+    # (with overlong=drop), and a shard with no rows.
+    rows.append({**rows[0], "id": "silent", "messages": [dict(m, loss=False) for m in messages]})
+    rows.append({**rows[0], "id": "no-assistant", "messages": messages[:2]})
+    long_turn = dict(messages[2], content="Paris " * 200)
+    rows.append({**rows[0], "id": "long", "messages": [*messages[:2], long_turn]})
+    (root / "data" / "general").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), root / "data/general/part-00000.parquet")
+    (root / "data" / "empty").mkdir()
+    pq.write_table(pa.Table.from_pylist([], schema=SAMPLE_SCHEMA), root / "data/empty/part-00000.parquet")
+    make_tiny_model(str(root / "data"), str(root / "model"), hidden=64, layers=2, vocab_size=300)
+    return root
+
+
+def registered_checkpoints(snapshot_text: str) -> list[dict]:
+    """Metrics (step, world_size, ...) of the checkpoints Ray Train has registered, from its
+    checkpoint_manager_snapshot.json. A checkpoint whose files exist but which the controller has
+    not yet taken in (it polls the workers every 2 s) is not one a restarted group resumes from."""
+    return [result["metrics"] for result in json.loads(snapshot_text)["checkpoint_results"]]

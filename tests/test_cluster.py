@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, demo_overrides, free_port
+from conftest import REPO, demo_overrides, free_port, registered_checkpoints, write_tiny_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -72,9 +72,9 @@ KEY = "sk-cluster-test-key-987654321"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Head on 127.0.0.2 and a worker on 127.0.0.3, one CPU each, token auth; the API key lives in
-    the nodes' environment, as on a production cluster."""
+def cluster(tmp_path_factory, s3_server):
+    """Head on 127.0.0.2 and a worker on 127.0.0.3, one CPU each, token auth; the API key and the
+    (moto) S3 endpoint and credentials live in the nodes' environment, as on a production cluster."""
     logs = tmp_path_factory.mktemp("cluster")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", OPENAI_API_KEY=KEY)
@@ -92,7 +92,7 @@ def cluster(tmp_path_factory):
         worker = start_node([f"--address={address}", "--node-ip-address=127.0.0.3", "--num-cpus=1"],
                             env, logs / "worker.log")
         wait_for_nodes(address, env, 2, head, logs)
-        yield {"address": address, "dashboard": f"http://127.0.0.2:{dashboard}", "env": env}
+        yield {"address": address, "dashboard": f"http://127.0.0.2:{dashboard}", "env": env, "worker": lambda: worker}
     finally:
         if worker is not None:
             stop_node(worker)
@@ -150,3 +150,39 @@ def test_shared_budget_holds_the_rpm_across_nodes(cluster, tmp_path):
     assert abs(first_minute - 600) <= 12, first_minute
     assert busiest <= 612, busiest
 
+
+
+def test_elastic_training_survives_losing_a_node(cluster, tmp_path, s3_bucket):
+    """`jobs/train.py` with num_workers [1, 2] trains on both nodes, checkpointing to S3; the worker
+    node is stopped mid-run, and the job finishes on the head alone: the ZeRO checkpoint of two
+    ranks is converted for one, the step and the data position carry on. (Runs last: the cluster
+    is down to one node afterwards.)"""
+    import boto3
+
+    write_tiny_data(tmp_path)
+    s3 = boto3.client("s3")
+    job = subprocess.Popen(
+        [RAY, "job", "submit", f"--address={cluster['dashboard']}", "--", sys.executable, str(REPO / "jobs/train.py"),
+         f"data={tmp_path / 'data'}", f"model={tmp_path / 'model'}", "max_seq_len=128", "global_batch=4",
+         "num_workers=[1, 2]", "cpus_per_worker=1", "elastic_resize_interval_s=5", "lr=0.003", "warmup_ratio=0",
+         "max_steps=48", "checkpoint_every=4", f"storage_path=s3://{s3_bucket}/ckpt", "run_name=elastic",
+         "overlong=drop"],
+        env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, stopped = time.monotonic() + 400, False
+    while job.poll() is None and time.monotonic() < deadline and not stopped:
+        try:
+            snapshot = s3.get_object(Bucket=s3_bucket, Key="ckpt/elastic/checkpoint_manager_snapshot.json")
+        except s3.exceptions.NoSuchKey:
+            snapshot = None
+        if snapshot and any(c["step"] >= 8 and c["world_size"] == 2
+                            for c in registered_checkpoints(snapshot["Body"].read().decode())):
+            stop_node(cluster["worker"]())
+            stopped = True
+        time.sleep(0.5)
+    output, _ = job.communicate(timeout=max(30, deadline - time.monotonic()))
+    assert stopped, "the run never checkpointed step 8 on two workers:\n" + output[-3000:]
+    assert job.returncode == 0, output[-5000:]
+    summary = json.loads(output.split("[train] summary ", 1)[1].splitlines()[0])
+    metrics = summary["metrics"]
+    assert metrics["step"] == 48 and metrics["world_size"] == 1, metrics
+    assert metrics["resumed_from"] >= 8 and metrics["rows_out_of_order"] == 0, output[-6000:]

@@ -3,49 +3,25 @@ rerun resumes from the checkpoint (local or S3), a killed worker is replaced, a 
 another number of workers, bad samples are counted, and the exported model loads and stops at its
 end marker."""
 
-import json
 import os
 import signal
 import threading
 import time
 
 import psutil
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import ANSWER, registered_checkpoints, write_tiny_data
 
 from agentflan_ray.config import TrainConfig, load_config
-from agentflan_ray.records import SAMPLE_SCHEMA
-from agentflan_ray.training.tiny_model import make_tiny_model
 from agentflan_ray.training.train import run_train
 
 pytestmark = pytest.mark.slow
-ANSWER = "The capital of France is Paris."
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    messages = [
-        {"role": "system", "content": "You answer briefly.", "loss": False, "capability": None},
-        {"role": "user", "content": "What is the capital of France?", "loss": False, "capability": None},
-        {"role": "assistant", "content": ANSWER, "loss": True, "capability": "reasoning"},
-    ]
-    rows = [{"id": f"s{i}", "source": "synthetic", "source_id": f"s{i}", "stream": "general", "messages": messages,
-             "tools": "[]"} for i in range(48)]
-    # Bad data, each counted and skipped: no trained turn, no assistant turn, longer than max_seq_len
-    # (with overlong=drop), and a shard with no rows.
-    rows.append({**rows[0], "id": "silent", "messages": [dict(m, loss=False) for m in messages]})
-    rows.append({**rows[0], "id": "no-assistant", "messages": messages[:2]})
-    long_turn = dict(messages[2], content="Paris " * 200)
-    rows.append({**rows[0], "id": "long", "messages": [*messages[:2], long_turn]})
-    (root / "data" / "general").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), root / "data/general/part-00000.parquet")
-    (root / "data" / "empty").mkdir()
-    pq.write_table(pa.Table.from_pylist([], schema=SAMPLE_SCHEMA), root / "data/empty/part-00000.parquet")
-    make_tiny_model(str(root / "data"), str(root / "model"), hidden=64, layers=2, vocab_size=300)
-    return root
+    return write_tiny_data(tmp_path_factory.mktemp("train"))
 
 
 def config(root, *overrides):
@@ -106,14 +82,18 @@ def test_zero3_trains(ray_session, tiny_run):
 
 
 def kill_a_train_worker_after(storage, step: int, stop: threading.Event) -> dict:
-    """Watch for the checkpoint of ``step``, then SIGKILL one Ray Train worker process, as the OOM
-    killer or a lost node would."""
+    """Once Ray Train has registered the checkpoint of ``step``, SIGKILL one Ray Train worker
+    process, as the OOM killer or a lost node would."""
     killed = {}
 
     def watch():
+        snapshot = storage / "checkpoint_manager_snapshot.json"
         while not stop.is_set():
-            states = [json.loads(p.read_text()) for p in storage.glob("checkpoint_*/agentflan_state.json")]
-            if any(s["step"] >= step for s in states):
+            try:
+                registered = registered_checkpoints(snapshot.read_text())
+            except (OSError, ValueError):  # not written yet, or being rewritten
+                registered = []
+            if any(c["step"] >= step for c in registered):
                 for process in psutil.process_iter(["cmdline"]):
                     if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
                         os.kill(process.pid, signal.SIGKILL)
@@ -135,7 +115,7 @@ def test_a_killed_worker_is_replaced_and_training_continues(ray_session, tiny_ru
         stop.set()
     assert killed, "no worker was killed: the run ended before its step-8 checkpoint was seen"
     metrics = result["metrics"]
-    assert metrics["step"] == 30 and metrics["resumed_from"] in (4, 8, 12)  # restarted from a checkpoint
+    assert metrics["step"] == 30 and metrics["resumed_from"] >= 8  # restarted from a registered checkpoint
     assert metrics["rows_out_of_order"] == 0
 
 

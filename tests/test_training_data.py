@@ -85,9 +85,10 @@ def test_samples_without_training_signal_or_too_long_are_skipped_with_a_reason(t
 def test_packing_restarts_positions_and_fills_rows():
     samples = [([1] * 5, [1] * 5), ([2] * 3, [2] * 3), ([3] * 4, [3] * 4), ([4] * 6, [4] * 6)]
     rows = list(pack(samples, max_seq_len=12, pad_id=0))
-    assert [r.seq_lens for r in rows] == [[5, 3, 4], [6, 6]]
-    assert rows[0].position_ids == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]
-    assert rows[1].labels[6:] == [IGNORE] * 6 and rows[1].padding == 6
+    assert [r.seq_lens for r in rows] == [[6, 5, 1], [4, 3, 5]]  # longest first; the last entry is padding
+    assert rows[0].position_ids == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 0]
+    assert rows[0].input_ids[:11] == [4] * 6 + [1] * 5
+    assert rows[1].labels[7:] == [IGNORE] * 5 and rows[1].padding == 5
     assert padding_share(rows) == pytest.approx(6 / 24)
     with pytest.raises(ValueError, match="does not fit"):
         list(pack([([1] * 13, [1] * 13)], 12, 0))

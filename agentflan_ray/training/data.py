@@ -4,19 +4,21 @@
       .sort(hash(seed, id))            a seeded shuffle that does not depend on read order
       .map_batches(TokenizeAndPack)    tokenize with the template, pack to max_seq_len
       .materialize()                   small (token ids only); counted
-      .repartition(micro_batch rows)   one block per micro-batch, numbered by `row`
+      .repartition(block_rows)         equal blocks, rows numbered by `row`
 
 Every output batch of TokenizeAndPack carries its counts (samples, skips by reason, trained tokens
 by capability, padding) on its first row; a batch in which no sample survives yields one empty
 row for its counts, dropped after counting. So the report needs no second pass and loses nothing.
 
-Why blocks of exactly ``micro_batch`` rows: Ray Train splits the dataset with
-``streaming_split(n, equal=True)``, which (order preserved, locality off) hands each next block to
-the worker that has received the fewest rows so far. With equal blocks that is round robin: worker
-``r`` of ``n`` gets blocks ``r, r+n, r+2n, ...``. So the first ``k`` micro-batches of every worker
-are exactly the first ``k x n x micro_batch`` rows, whatever ``n`` is, and a resume, even on a
-different number of workers, skips exactly the rows already trained on. The ``row`` column lets
-each worker check that, and the training loop reports any row out of place.
+Why equal blocks: Ray Train splits the dataset with ``streaming_split(n, equal=True)``, which (order
+preserved, locality off) hands each next block to the worker that has received the fewest rows so
+far. With equal blocks that is round robin: worker ``r`` of ``n`` gets blocks ``r, r+n, r+2n, ...``.
+A block holds ``block_rows`` rows, which divides every worker's share of an optimizer step
+(``global_batch / n``) for every world size ``n`` the config allows (for a fixed ``n`` it is that
+share: one block per worker per step). So after ``s`` steps the group has consumed exactly the first
+``s x global_batch`` rows of the epoch, whatever ``n`` is, and a resume, even on a different number
+of workers, skips exactly the rows already trained on. The ``row`` column lets each worker check
+that, and the training loop reports any row out of place.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def shuffle_key(batch: pa.Table, seed: int) -> pa.Table:
 
 
 def prepare_dataset(config: TrainConfig):
-    """The packed dataset (blocks of ``micro_batch`` rows, numbered) and the data report."""
+    """The packed dataset (blocks of ``block_rows`` rows, numbered) and the data report."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -135,7 +137,7 @@ def _prepare(config: TrainConfig):
         return None, report
     offsets = np.cumsum([0, *counts[:-1]]).tolist()
     numbered = ray.data.from_arrow_refs([_number.remote(b, o) for b, o in zip(blocks, offsets, strict=True)])
-    return numbered.repartition(target_num_rows_per_block=config.micro_batch, strict=True).materialize(), report
+    return numbered.repartition(target_num_rows_per_block=config.block_rows, strict=True).materialize(), report
 
 
 @ray.remote(num_cpus=0.25)

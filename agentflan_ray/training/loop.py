@@ -4,10 +4,10 @@
         `accumulation` micro-batches (forward, backward, engine.step) -> step_metrics (all-reduced)
         -> report every log_every steps, checkpoint every checkpoint_every steps and at the end
 
-Data position: worker r of n gets micro-batches r, r+n, r+2n, ... of the epoch (see data.py), so
-after ``s`` optimizer steps of an epoch every worker skips ``s x accumulation`` micro-batches and the
-whole group skips exactly ``s x global_batch`` rows, on any world size. Every micro-batch's first
-row number is checked against that; a mismatch is counted in ``rows_out_of_order`` and logged.
+Data position: worker r of n gets blocks r, r+n, r+2n, ... of the epoch (see data.py), so after
+``s`` optimizer steps of an epoch every worker skips ``s x accumulation`` micro-batches and the whole
+group skips exactly ``s x global_batch`` rows, on any world size. Every micro-batch's first row
+number is checked against that; a mismatch is counted in ``rows_out_of_order`` and logged.
 """
 
 from __future__ import annotations
@@ -83,25 +83,29 @@ class StepMeter:
     def __init__(self, device):
         import torch
 
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, micro-batches, trained, real
+        # loss, micro-batches, trained tokens, real tokens, "report now" (rank 0's vote)
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
         self.started = time.monotonic()
 
     def add(self, loss, batch: dict) -> None:
         import torch
 
-        self.sums += torch.stack([loss.detach().double(), self.sums.new_tensor(1.0),
-                                  (batch["labels"] != -100).sum().double(), batch["real_tokens"].sum().double()])
+        self.sums[:4] += torch.stack([loss.detach().double(), self.sums.new_tensor(1.0),
+                                      (batch["labels"] != -100).sum().double(), batch["real_tokens"].sum().double()])
 
-    def finish(self) -> dict:
+    def finish(self, vote_report: bool = False) -> dict:
+        """The step's sums over all workers; ``report`` is rank 0's vote, the same on every rank."""
         import torch.distributed as dist
 
+        self.sums[4] = float(vote_report)
         if dist.is_initialized():
             dist.all_reduce(self.sums)
-        loss, micro, trained, real = self.sums.tolist()
+        loss, micro, trained, real, report = self.sums.tolist()
         seconds = max(time.monotonic() - self.started, 1e-9)
         self.sums.zero_()
         self.started = time.monotonic()
-        return {"loss": loss / micro, "trained_tokens": trained, "tokens": real, "seconds": seconds}
+        return {"loss": loss / micro, "trained_tokens": trained, "tokens": real, "seconds": seconds,
+                "report": report > 0}
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -121,6 +125,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     peak = config.peak_flops_per_worker or (peak_flops(torch.cuda.get_device_name()) if config.use_gpu else 0.0)
     board = tensorboard(config, loop_config) if rank == 0 else None
     meter, out_of_order = StepMeter(engine.device), 0
+    steady = {"tokens": 0.0, "seconds": 0.0}  # from the end of the first step of this (re)start
+    last_report = time.monotonic()
     shard = ray.train.get_dataset_shard("train")
     while step < total_steps:
         # Every epoch has exactly steps_per_epoch steps, so the step alone is the data position.
@@ -129,7 +135,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                               device=engine.device):
             if micro >= steps_per_epoch * accumulation or step >= total_steps:
                 break
-            expected = (micro * world_size + rank) * config.micro_batch
+            expected = expected_row(micro, config.micro_batch, config.block_rows, world_size, rank)
             if int(batch["row"][0]) != expected:
                 out_of_order += 1
                 if out_of_order == 1:
@@ -146,10 +152,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if micro % accumulation:
                 continue
             step += 1
-            measured = meter.finish()
+            measured = meter.finish(rank == 0 and time.monotonic() - last_report >= config.report_interval_s)
+            if step > resumed_from + 1:
+                steady["tokens"] += measured["tokens"]
+                steady["seconds"] += measured["seconds"]
             metrics = {
                 "step": step, "epoch": epoch, "loss": measured["loss"], "lr": engine.get_lr()[0],
                 "tokens_per_s": measured["tokens"] / measured["seconds"],
+                "avg_tokens_per_s": steady["tokens"] / steady["seconds"] if steady["seconds"] else 0.0,
                 "trained_tokens_per_s": measured["trained_tokens"] / measured["seconds"],
                 "padding_share": 1 - measured["tokens"] / (config.global_batch * config.max_seq_len),
                 "world_size": world_size, "resumed_from": resumed_from, "rows_out_of_order": out_of_order,
@@ -157,16 +167,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
             }
             if peak:
                 metrics["mfu"] = flops * measured["tokens"] / measured["seconds"] / (peak * world_size)
-            if board:
+            if board and step % config.log_every == 0:
                 board.scalars(metrics, step)
+            # Every ray.train.report is a barrier, and Ray Train takes one report per health check
+            # (2 s): reporting every step would stall fast steps. So metrics go to Ray Train at most
+            # every report_interval_s (rank 0 decides, in the all-reduce above) and with checkpoints.
             if step % config.checkpoint_every == 0 or step == total_steps:
                 if board:
                     board.sync()
                 save_and_report(engine, metrics, {"step": step, "world_size": world_size})
-            elif step % config.log_every == 0:
+                last_report = time.monotonic()
+            elif measured["report"]:
                 ray.train.report(metrics)
+                last_report = time.monotonic()
     if board:
         board.close()
+
+
+def expected_row(micro: int, micro_batch: int, block_rows: int, world_size: int, rank: int) -> int:
+    """Row number of the first row of micro-batch ``micro`` (of this epoch) on ``rank``."""
+    block, offset = divmod(micro * micro_batch, block_rows)
+    return (block * world_size + rank) * block_rows + offset
 
 
 def tensorboard(config: TrainConfig, loop_config: dict) -> TensorBoard | None:

@@ -65,7 +65,11 @@ def run_train(config: TrainConfig, log=print) -> dict:
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
     if config.export_dir and result.checkpoint is not None:
         summary["export_dir"] = export_model(config, result.checkpoint)
-    log(f"[train] done: step {result.metrics.get('step')}, loss {result.metrics.get('loss', math.nan):.4f}")
+    m = result.metrics
+    log(f"[train] done: step {m.get('step')} of {total_steps} on {m.get('world_size')} workers (this attempt "
+        f"resumed at step {m.get('resumed_from')}), loss {m.get('loss', math.nan):.4f}, "
+        f"{m.get('avg_tokens_per_s', 0):,.0f} tokens/s; checkpoint {summary['checkpoint']}"
+        + (f"; model exported to {summary['export_dir']}" if "export_dir" in summary else ""))
     return summary
 
 
