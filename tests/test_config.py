@@ -91,3 +91,34 @@ def test_unreadable_and_invalid_files(tmp_path):
     listing.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(GenerateConfig, listing)
+
+
+TRAIN = ["data=./d", "model=./m"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["num_workers=[4, 2]"], r"num_workers: a number or \[min, max\] with min <= max"),
+    (["num_workers=[0, 2]"], "num_workers: must be at least 1"),
+    (["num_workers=[2, 4]", "global_batch=8"], r"global_batch: 8 is not a multiple .* for \[3\] workers"),
+    (["num_workers=3", "global_batch=8"], r"for \[3\] workers"),
+    (["zero_stage=1"], "zero_stage: must be 2 or 3"),
+    (["attention=flash"], "attention: must be one of"),
+])
+def test_bad_train_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, None, [*TRAIN, *overrides])
+
+
+@pytest.mark.parametrize("workers, global_batch, micro, block_rows", [
+    ("2", 8, 1, 4),  # fixed size: one block per worker per step
+    ("[1, 2]", 8, 1, 4),  # gcd(8, 4)
+    ("[2, 4]", 24, 1, 2),  # gcd(12, 8, 6)
+    ("[4, 8]", 840, 1, 1),  # gcd(210, 168, 140, 120, 105)
+    ("2", 16, 2, 8),
+])
+def test_blocks_divide_every_workers_share_of_a_step(workers, global_batch, micro, block_rows):
+    config = load_config(TrainConfig, None, [*TRAIN, f"num_workers={workers}", f"global_batch={global_batch}",
+                                             f"micro_batch={micro}"])
+    assert config.block_rows == block_rows
+    for n in range(config.min_workers, config.max_workers + 1):
+        assert (global_batch // n) % config.block_rows == 0

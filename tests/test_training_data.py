@@ -166,3 +166,38 @@ def test_prepared_rows_are_numbered_blocks_of_one_micro_batch(ray_session, tiny,
     again, _ = prepare_dataset(config)
     first_rows = [b["input_ids"][0].tolist() for b in batches]
     assert [b["input_ids"][0].tolist() for b in again.iter_batches(batch_size=None, batch_format="numpy")] == first_rows
+
+
+def test_flops_per_token_counts_the_model_parameters():
+    """6 x the parameters a token passes through (all but the input embedding) + the attention term."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from agentflan_ray.training.metrics import flops_per_token, peak_flops
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=344, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    matrices = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in name)
+    assert flops_per_token(config, 512) == 6 * matrices + 12 * 3 * 128 * 512
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA L40S") == 362e12 and peak_flops("cpu") == 0.0
+
+
+def test_local_paths_become_absolute_and_a_missing_model_fails_early(tmp_path, monkeypatch):
+    """Ray Train workers do not share the driver's working directory; a wrong model path fails
+    before any worker starts (not once per worker and retry)."""
+    from agentflan_ray.config import TrainConfig
+    from agentflan_ray.training.train import absolute_paths, run_train
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    config = load_config(TrainConfig, None, ["data=./out/d", "model=./tiny", "export_dir=exp",
+                                             "storage_path=s3://bucket/ckpt"])
+    fixed = absolute_paths(config)
+    assert (fixed.data, fixed.model, fixed.export_dir) == (str(tmp_path / "out/d"), str(tmp_path / "tiny"),
+                                                           str(tmp_path / "exp"))
+    assert fixed.storage_path == "s3://bucket/ckpt"
+    assert absolute_paths(load_config(TrainConfig, None, ["data=./d", "model=meta-llama/Llama-2-7b-chat-hf"])
+                          ).model == "meta-llama/Llama-2-7b-chat-hf"
+    with pytest.raises(FileNotFoundError, match="model: cannot load"):
+        run_train(config, log=lambda *_: None)

@@ -30,9 +30,13 @@ from agentflan_ray.training.loop import train_loop_per_worker
 
 def run_train(config: TrainConfig, log=print) -> dict:
     from ray.data import ExecutionOptions
+    from transformers import AutoConfig
 
-    if not is_s3(config.storage_path):  # workers do not share the driver's working directory
-        config = dataclasses.replace(config, storage_path=os.path.abspath(config.storage_path))
+    config = absolute_paths(config)
+    try:  # a wrong model path fails here, once, not in every worker max_failures times
+        AutoConfig.from_pretrained(config.model)
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"model: cannot load {config.model!r}: {exc}") from None
     dataset, report = prepare_dataset(config)
     log(f"[train] {report['samples']} samples -> {report['rows']} packed rows of {config.max_seq_len} tokens "
         f"(padding {report['padding_share']:.1%}); truncated to max_seq_len: {report['truncated']}; "
@@ -71,6 +75,18 @@ def run_train(config: TrainConfig, log=print) -> dict:
         f"{m.get('avg_tokens_per_s', 0):,.0f} tokens/s; checkpoint {summary['checkpoint']}"
         + (f"; model exported to {summary['export_dir']}" if "export_dir" in summary else ""))
     return summary
+
+
+def absolute_paths(config: TrainConfig) -> TrainConfig:
+    """Local paths made absolute: Ray Train workers do not run in the driver's working directory."""
+    changes = {}
+    for name in ("data", "storage_path", "export_dir"):
+        value = getattr(config, name)
+        if value and not is_s3(value):
+            changes[name] = os.path.abspath(value)
+    if os.path.isdir(config.model):  # else a hub name, e.g. meta-llama/Llama-2-7b-chat-hf
+        changes["model"] = os.path.abspath(config.model)
+    return dataclasses.replace(config, **changes)
 
 
 def checkpoint_storage(config: TrainConfig) -> dict:
