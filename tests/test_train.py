@@ -119,13 +119,18 @@ def test_a_killed_worker_is_replaced_and_training_continues(ray_session, tiny_ru
     assert metrics["rows_out_of_order"] == 0
 
 
-def test_resume_on_another_number_of_workers(ray_session, tiny_run):
-    """Two workers write a ZeRO-2 checkpoint; an elastic rerun that only has room for one worker
-    converts it to a universal checkpoint and continues with the same global batch."""
-    first = run_train(config(tiny_run, "max_steps=6", "checkpoint_every=6", "run_name=resize"), log=lambda *_: None)
+@pytest.mark.parametrize("stage, rerun", [
+    (2, ["num_workers=[1, 2]", "cpus_per_worker=1.5", "elastic_resize_interval_s=5"]),  # room for one only
+    (3, ["num_workers=1"]),
+])
+def test_resume_on_another_number_of_workers(ray_session, tiny_run, stage, rerun):
+    """Two workers write a ZeRO checkpoint; a rerun on one worker (elastic with room for one, or
+    fixed) converts it to a universal checkpoint and continues with the same global batch."""
+    name = f"run_name=resize{stage}"
+    first = run_train(config(tiny_run, f"zero_stage={stage}", "max_steps=6", "checkpoint_every=6", name),
+                      log=lambda *_: None)
     assert first["metrics"]["world_size"] == 2
-    second = run_train(config(tiny_run, "max_steps=12", "checkpoint_every=6", "run_name=resize",
-                              "num_workers=[1, 2]", "cpus_per_worker=1.5", "elastic_resize_interval_s=5"),
+    second = run_train(config(tiny_run, f"zero_stage={stage}", "max_steps=12", "checkpoint_every=6", name, *rerun),
                        log=lambda *_: None)
     metrics = second["metrics"]
     assert metrics["world_size"] == 1 and metrics["resumed_from"] == 6 and metrics["step"] == 12
