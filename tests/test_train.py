@@ -5,8 +5,10 @@ end marker."""
 
 import os
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -138,6 +140,8 @@ def test_resume_on_another_number_of_workers(ray_session, tiny_run, stage, rerun
     # Six more steps from the converted weights, not six steps of a cold start (which would land at
     # about the first run's loss: same seed, same rows).
     assert metrics["loss"] < first["metrics"]["loss"] * 0.9, (first["metrics"]["loss"], metrics["loss"])
+    converted = Path(tempfile.gettempdir()) / "agentflan-universal"
+    assert not list(converted.glob("*/latest_universal"))  # the converted copy is removed once loaded
 
 
 def test_checkpoints_on_s3_resume(ray_session, tiny_run, s3_bucket):

@@ -9,8 +9,9 @@ A checkpoint directory, as Ray Train stores it under ``storage_path/run_name/che
 A ZeRO checkpoint only loads on the world size that wrote it (its optimizer state is partitioned
 per rank). When an elastic run restarts on a different number of workers, the checkpoint is first
 converted to DeepSpeed's *universal* format (``ds_to_universal``: one fp32 file per parameter and
-optimizer moment, independent of the partitioning), once per node, and loaded with
-``checkpoint.load_universal``. Later checkpoints are ordinary ZeRO checkpoints of the new size.
+optimizer moment, independent of the partitioning), once per node under ``$TMPDIR`` (it takes
+about as much disk as the checkpoint), loaded with ``checkpoint.load_universal``, and removed.
+Later checkpoints are ordinary ZeRO checkpoints of the new size.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -55,6 +57,9 @@ def resume_point(world_size: int, local_rank: int) -> Iterator[Resume]:
             to_universal(directory, universal)
         _barrier()  # every node's copy exists before anyone loads it
         yield Resume(universal, state, universal=True)
+        _barrier()  # everyone has loaded it: the copy (fp32 weights + optimizer) can go
+        if local_rank == 0:
+            shutil.rmtree(universal, ignore_errors=True)
 
 
 def to_universal(directory: str, output_root: str) -> str:

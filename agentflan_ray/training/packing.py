@@ -1,11 +1,11 @@
 """Pack tokenized samples into rows of ``max_seq_len`` tokens without attention across samples.
 
     sample A: a a a a a          sample B: b b b         sample C: c c c c
-    packed row (max_seq_len 12):
-        input_ids     a a a a a b b b c c c c
-        position_ids  0 1 2 3 4 0 1 2 0 1 2 3       (restart per sample)
-        seq_lens      [5, 3, 4]
-        attention     block-diagonal causal: b never sees a, c never sees a or b
+    packed row (max_seq_len 12), longest first:
+        input_ids     a a a a a c c c c b b b
+        position_ids  0 1 2 3 4 0 1 2 3 0 1 2       (restart per sample)
+        seq_lens      [5, 4, 3]
+        attention     block-diagonal causal: c never sees a, b never sees a or c
 
 Samples are packed first-fit decreasing within each batch given to ``pack`` (longest first, each
 into the first row with room), which fills rows far better than packing in arrival order (see
