@@ -51,13 +51,13 @@ def sample_lengths(data: Path, model: Path) -> list[int]:
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
+    from agentflan_ray.config import StorageConfig
     from agentflan_ray.training.tokenize import SkipSample, tokenize_sample
+    from agentflan_ray.writing.shards import sample_shards
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     lengths = []
-    for path in sorted(data.glob("*/part-*.parquet")):
-        if "quarantine" in path.parts:
-            continue
+    for path in sample_shards(str(data), StorageConfig()):
         for messages in pq.read_table(path, columns=["messages"]).column("messages").to_pylist():
             try:
                 lengths.append(len(tokenize_sample(messages, tokenizer, "chat_template", 10**9).input_ids))
@@ -160,7 +160,7 @@ def bare_worker(args) -> None:
     import torch.distributed as dist
 
     from agentflan_ray.config import TrainConfig, load_config
-    from agentflan_ray.training.loop import StepMeter, forward_loss, setup_engine
+    from agentflan_ray.training.loop import StepMeter, expected_row, forward_loss, setup_engine
 
     config = load_config(TrainConfig, None, json.loads(args.overrides))
     dist.init_process_group("gloo")
@@ -170,9 +170,10 @@ def bare_worker(args) -> None:
     micro_per_epoch = len(rows["row"]) // config.global_batch * accumulation
     meter, steady_tokens, steady_seconds, step, micro = StepMeter(engine.device), 0.0, 0.0, 0, 0
     while step < config.max_steps:
-        index = (micro % micro_per_epoch) * world + rank  # round robin, as Ray Train's split gives
-        batch = {k: torch.as_tensor(rows[k][index:index + 1]) for k in ("input_ids", "labels", "position_ids",
-                                                                         "real_tokens")}
+        # The rows Ray Train's split gives this rank (blocks dealt round robin, see training/data.py).
+        index = expected_row(micro % micro_per_epoch, config.micro_batch, config.block_rows, world, rank)
+        batch = {k: torch.as_tensor(rows[k][index:index + config.micro_batch])
+                 for k in ("input_ids", "labels", "position_ids", "real_tokens")}
         loss = forward_loss(engine, batch, varlen=False)
         engine.backward(loss)
         engine.step()

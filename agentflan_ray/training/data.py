@@ -32,9 +32,10 @@ import pyarrow as pa
 import ray
 
 from agentflan_ray.config import TrainConfig
-from agentflan_ray.storage import expand, filesystem
+from agentflan_ray.storage import filesystem
 from agentflan_ray.training.packing import PackedRow, pack
 from agentflan_ray.training.tokenize import SkipSample, tokenize_sample
+from agentflan_ray.writing.shards import sample_shards
 
 
 class TokenizeAndPack:
@@ -79,14 +80,6 @@ class TokenizeAndPack:
         }
 
 
-def shard_paths(config: TrainConfig) -> list[str]:
-    files = expand(config.data.rstrip("/") + "/*/part-*.parquet", config.storage)
-    paths = [path for path, _, name in files if not name.startswith("quarantine/")]
-    if not paths:
-        raise FileNotFoundError(f"no sample shards under {config.data}")
-    return paths
-
-
 def shuffle_key(batch: pa.Table, seed: int) -> pa.Table:
     keys = [hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).hexdigest() for i in batch.column("id").to_pylist()]
     return batch.append_column("_order", pa.array(keys))
@@ -110,7 +103,7 @@ def _prepare(config: TrainConfig):
     from ray.data.expressions import col
 
     fs, _ = filesystem(config.data, config.storage)
-    samples = ray.data.read_parquet(shard_paths(config), filesystem=fs, columns=["id", "messages"])
+    samples = ray.data.read_parquet(sample_shards(config.data, config.storage), filesystem=fs, columns=["id", "messages"])
     shuffled = samples.map_batches(shuffle_key, fn_kwargs={"seed": config.seed}, batch_format="pyarrow").sort("_order")
     packed = shuffled.map_batches(
         TokenizeAndPack, fn_constructor_kwargs={"model": config.model, "template": config.template,

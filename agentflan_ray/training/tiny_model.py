@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from agentflan_ray.config import StorageConfig
+from agentflan_ray.storage import filesystem
+from agentflan_ray.writing.shards import sample_shards
+
 SPECIAL = ["<s>", "</s>", "<pad>", "<unk>", "<|Human|>", "<|Assistant|>", "\u0d46", "\u0d3f"]
 # Each turn ends with </s>: the end marker the assistant learns to emit.
 CHAT_TEMPLATE = (
@@ -22,16 +26,16 @@ CHAT_TEMPLATE = (
 
 
 def sample_texts(data_dir: str, limit: int = 5000) -> list[str]:
+    storage = StorageConfig()
+    fs, _ = filesystem(data_dir, storage)
     texts: list[str] = []
-    for path in sorted(Path(data_dir).glob("*/part-*.parquet")):
-        if path.parent.name == "quarantine":
-            continue
-        for row in pq.read_table(path, columns=["messages"]).to_pylist():
+    for path in sample_shards(data_dir, storage):
+        for row in pq.read_table(path, columns=["messages"], filesystem=fs).to_pylist():
             texts += [m["content"] for m in row["messages"]]
             if len(texts) >= limit:
                 return texts
     if not texts:
-        raise FileNotFoundError(f"no sample shards under {data_dir} (expected <stream>/part-*.parquet)")
+        raise FileNotFoundError(f"the sample shards under {data_dir} hold no rows")
     return texts
 
 

@@ -90,9 +90,10 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
 
 
 def checkpoint_storage(config: TrainConfig) -> dict:
-    """Checkpoints on S3 go through the same pyarrow client and endpoint as the data."""
+    """Checkpoints on S3 go through the same pyarrow client and endpoint as the data; a local
+    storage_path is already absolute (absolute_paths)."""
     if not is_s3(config.storage_path):
-        return {"storage_path": os.path.abspath(config.storage_path)}
+        return {"storage_path": config.storage_path}
     fs, path = filesystem(config.storage_path, config.storage)
     return {"storage_path": path, "storage_filesystem": fs}
 

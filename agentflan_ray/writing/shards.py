@@ -11,9 +11,18 @@ import pyarrow.parquet as pq
 
 from agentflan_ray.config import StorageConfig
 from agentflan_ray.records import QUARANTINE_SCHEMA, SAMPLE_SCHEMA
-from agentflan_ray.storage import filesystem
+from agentflan_ray.storage import expand, filesystem
 
 QUARANTINE = "quarantine"
+
+
+def sample_shards(output: str, storage: StorageConfig) -> list[str]:
+    """Filesystem paths of the sample shards of a generate output (quarantine excluded), sorted."""
+    files = expand(output.rstrip("/") + "/*/part-*.parquet", storage)
+    paths = [path for path, _, name in files if not name.startswith(QUARANTINE + "/")]
+    if not paths:
+        raise FileNotFoundError(f"no sample shards under {output} (expected <stream>/part-*.parquet)")
+    return paths
 
 
 class ShardWriter:
