@@ -229,9 +229,14 @@ class TrainConfig:
     num_workers: int | list[int] = 2
     elastic_resize_interval_s: float = 60.0
     use_gpu: bool = False
-    # auto: FlashAttention-2 variable-length attention when on GPU with flash-attn installed,
-    # otherwise the model's default attention with an exact block-causal mask.
-    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    # auto: on GPU FlashAttention-2 variable-length attention when flash-attn is installed, else
+    # PyTorch's FlexAttention with a per-sample block mask; on CPU sdpa with the exact mask.
+    attention: Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"] = "auto"
+    # auto: Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on GPU
+    # workers that have liger-kernel installed; liger: required; none: the model's own modules.
+    fused_kernels: Literal["auto", "liger", "none"] = "auto"
+    # AdamW implementation: auto, torch (fused CUDA kernel on GPU), deepspeed (JIT-built ops).
+    optimizer: Literal["auto", "torch", "deepspeed"] = "auto"
     # Logical CPUs per training worker; below 1 on small CPU machines leaves room for Ray Data.
     cpus_per_worker: float = 1.0
     zero_stage: int = 2
@@ -241,6 +246,8 @@ class TrainConfig:
     global_batch: int = 8  # packed sequences per optimizer step
     micro_batch: int = 1
     lr: float = 2e-5
+    weight_decay: float = 0.0
+    gradient_clipping: float = 1.0
     warmup_ratio: float = 0.03
     epochs: int = 3
     max_steps: int = 0  # 0: epochs decide
@@ -249,6 +256,8 @@ class TrainConfig:
     report_interval_s: float = 10.0
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    # false: no checkpoint at the last step unless checkpoint_every falls on it (throughput trials)
+    checkpoint_at_end: bool = True
     # Peak FLOP/s per worker for the MFU figure; 0: looked up from the GPU's name (none on CPU).
     peak_flops_per_worker: float = 0.0
     max_failures: int = 2
@@ -266,6 +275,10 @@ class TrainConfig:
             raise ConfigError("model: required (a model directory, e.g. from make-tiny-model)")
         if self.zero_stage not in (2, 3):
             raise ConfigError(f"zero_stage: must be 2 or 3, got {self.zero_stage}")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("offload_params: needs zero_stage=3 (ZeRO-2 keeps the parameters on the GPU)")
+        if self.export_dir and not self.checkpoint_at_end:
+            raise ConfigError("checkpoint_at_end: must be true with export_dir (the export is made from it)")
         require_at_least(self, key, ("max_seq_len", "global_batch", "micro_batch", "epochs",
                                      "log_every", "checkpoint_every", "keep_checkpoints"), 1)
         if isinstance(self.num_workers, list) and (len(self.num_workers) != 2 or self.num_workers[0] > self.num_workers[1]):
@@ -394,6 +407,11 @@ def _convert(tp: Any, value: Any, key: str):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -154,32 +154,36 @@ def overhead(args) -> None:
 
 
 def bare_worker(args) -> None:
-    """One torchrun process: the loop of agentflan_ray.training.loop without Ray."""
+    """One torchrun process: the loop of agentflan_ray.training.loop without Ray (same engine code)."""
     import numpy as np
     import torch
     import torch.distributed as dist
 
     from agentflan_ray.config import TrainConfig, load_config
-    from agentflan_ray.training.loop import StepMeter, expected_row, forward_loss, setup_engine
+    from agentflan_ray.training.engine import (
+        StepMeter,
+        expected_row,
+        setup_engine,
+        to_device,
+        train_micro_batch,
+    )
 
     config = load_config(TrainConfig, None, json.loads(args.overrides))
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    engine, accumulation, _ = setup_engine(config, world, config.max_steps, load_universal=False)
+    bundle = setup_engine(config, world, config.max_steps)
     rows = np.load(args.rows)
-    micro_per_epoch = len(rows["row"]) // config.global_batch * accumulation
-    meter, steady_tokens, steady_seconds, step, micro = StepMeter(engine.device), 0.0, 0.0, 0, 0
+    micro_per_epoch = len(rows["row"]) // config.global_batch * bundle.accumulation
+    meter, steady_tokens, steady_seconds, step, micro = StepMeter(bundle.device), 0.0, 0.0, 0, 0
     while step < config.max_steps:
         # The rows Ray Train's split gives this rank (blocks dealt round robin, see training/data.py).
         index = expected_row(micro % micro_per_epoch, config.micro_batch, config.block_rows, world, rank)
-        batch = {k: torch.as_tensor(rows[k][index:index + config.micro_batch])
-                 for k in ("input_ids", "labels", "position_ids", "real_tokens")}
-        loss = forward_loss(engine, batch, varlen=False)
-        engine.backward(loss)
-        engine.step()
+        batch = to_device({k: torch.as_tensor(rows[k][index:index + config.micro_batch])
+                           for k in ("input_ids", "labels", "position_ids", "real_tokens")}, bundle.device)
+        loss = train_micro_batch(bundle, batch)
         meter.add(loss, batch)
         micro += 1
-        if micro % accumulation == 0:
+        if micro % bundle.accumulation == 0:
             step += 1
             measured = meter.finish()
             if step > 1:

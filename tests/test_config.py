@@ -103,6 +103,10 @@ TRAIN = ["data=./d", "model=./m"]
     (["num_workers=3", "global_batch=8"], r"for \[3\] workers"),
     (["zero_stage=1"], "zero_stage: must be 2 or 3"),
     (["attention=flash"], "attention: must be one of"),
+    (["fused_kernels=apex"], "fused_kernels: must be one of"),
+    (["optimizer=sgd"], "optimizer: must be one of"),
+    (["offload_params=true"], "offload_params: needs zero_stage=3"),
+    (["export_dir=./e", "checkpoint_at_end=false"], "checkpoint_at_end: must be true with export_dir"),
 ])
 def test_bad_train_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -10,15 +10,12 @@ import pytest
 import torch
 
 from agentflan_ray.aligning.align import align
-from agentflan_ray.config import GenerateConfig, load_config
+from agentflan_ray.config import GenerateConfig, TrainConfig, load_config
 from agentflan_ray.reading.toolbench import parse_toolbench
 from agentflan_ray.records import SAMPLE_SCHEMA
-from agentflan_ray.training.deepspeed_config import (
-    DeepSpeedSettings,
-    build_deepspeed_config,
-    gradient_accumulation,
-)
-from agentflan_ray.training.packing import block_causal_mask, pack, padding_share
+from agentflan_ray.training.attention import block_causal_mask
+from agentflan_ray.training.deepspeed_config import build_deepspeed_config, gradient_accumulation
+from agentflan_ray.training.packing import pack, padding_share
 from agentflan_ray.training.tiny_model import make_tiny_model
 from agentflan_ray.training.tokenize import IGNORE, SkipSample, tokenize_sample
 
@@ -115,16 +112,41 @@ def test_packed_loss_equals_unpacked_loss(tiny):
     assert together.item() == pytest.approx(separate.item(), rel=1e-4)
 
 
+def train_config(*overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, None, ["data=d", "model=m", *overrides])
+
+
 @pytest.mark.parametrize("world, accumulation", [(1, 16), (2, 8), (4, 4)])
 def test_accumulation_keeps_the_global_batch(world, accumulation):
-    config = build_deepspeed_config(DeepSpeedSettings(global_batch=64, micro_batch=4, zero_stage=3), world)
+    config = build_deepspeed_config(train_config("global_batch=64", "micro_batch=4", "zero_stage=3",
+                                                 "num_workers=1"), world, total_steps=100)
     assert config["gradient_accumulation_steps"] == accumulation
     assert config["train_batch_size"] == 64 == 4 * world * accumulation
     assert config["zero_optimization"]["stage"] == 3
     with pytest.raises(ValueError, match="not a multiple"):
         gradient_accumulation(64, 3, world)
-    with pytest.raises(ValueError, match="offload_params needs zero_stage 3"):
-        build_deepspeed_config(DeepSpeedSettings(zero_stage=2, offload_params=True), 1)
+
+
+def test_deepspeed_config_is_built_once_from_the_train_config():
+    """What deepspeed.initialize gets: bf16 and PyTorch's fused AdamW on GPU (no JIT-built op),
+    fp32 and PyTorch's AdamW on CPU, DeepSpeed's CPUAdam when the optimizer is offloaded, the
+    universal-checkpoint switch when asked; nothing is patched in afterwards."""
+    gpu = build_deepspeed_config(train_config("use_gpu=true", "lr=0.001", "weight_decay=0.1",
+                                              "gradient_clipping=0.5"), 2, total_steps=200)
+    assert gpu["bf16"] == {"enabled": True} and gpu["gradient_clipping"] == 0.5
+    assert gpu["optimizer"] == {"type": "AdamW", "params": {"lr": 0.001, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                            "weight_decay": 0.1, "torch_adam": True, "fused": True}}
+    assert gpu["scheduler"]["params"]["warmup_num_steps"] == 6 and "checkpoint" not in gpu
+    cpu = build_deepspeed_config(train_config(), 2, total_steps=10, load_universal=True)
+    assert cpu["bf16"] == {"enabled": False} and cpu["checkpoint"] == {"load_universal": True}
+    assert cpu["optimizer"]["params"]["torch_adam"] is True and "fused" not in cpu["optimizer"]["params"]
+    offload = build_deepspeed_config(train_config("use_gpu=true", "offload_optimizer=true"), 2, total_steps=10)
+    assert "torch_adam" not in offload["optimizer"]["params"]  # DeepSpeedCPUAdam
+    assert offload["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    forced = build_deepspeed_config(train_config("offload_optimizer=true", "optimizer=torch"), 2, total_steps=10)
+    assert forced["optimizer"]["params"]["torch_adam"] is True and forced["zero_force_ds_cpu_optimizer"] is False
+    deepspeed_adam = build_deepspeed_config(train_config("use_gpu=true", "optimizer=deepspeed"), 2, total_steps=10)
+    assert "torch_adam" not in deepspeed_adam["optimizer"]["params"]
 
 
 def test_tiny_model_loads_and_generates(tiny):

@@ -29,6 +29,31 @@ from dataclasses import dataclass, field
 import ray.train
 
 STATE = "agentflan_state.json"
+FINAL_METRICS = "final_metrics.json"  # beside the checkpoints: <storage_path>/<run_name>/
+
+
+def final_metrics_location(storage_path: str, run_name: str, storage) -> tuple:
+    """Where rank 0 leaves the last step's metrics. Ray Train's Result only carries the metrics of
+    the latest checkpoint, which is not the last step when ``checkpoint_at_end`` is off."""
+    from agentflan_ray.storage import filesystem
+
+    fs, root = filesystem(storage_path, storage)
+    return fs, f"{root.rstrip('/')}/{run_name}/{FINAL_METRICS}"
+
+
+def write_final_metrics(fs, path: str, metrics: dict) -> None:
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(metrics).encode())
+
+
+def read_final_metrics(fs, path: str) -> dict | None:
+    import pyarrow.fs
+
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
 
 
 @dataclass

@@ -10,9 +10,9 @@
 Samples are packed first-fit decreasing within each batch given to ``pack`` (longest first, each
 into the first row with room), which fills rows far better than packing in arrival order (see
 docs/benchmarks.md); the unused tail of a row is padding (label -100, its own attention block).
-The result depends only on the samples and their order, so packing is deterministic. On GPU with
-FlashAttention-2, ``position_ids`` alone select variable-length attention; elsewhere
-``block_causal_mask`` builds the exact equivalent from the same position ids as a 4D additive mask.
+The result depends only on the samples and their order, so packing is deterministic. The sample
+boundaries travel as the position ids alone; attention.py turns them into what each attention
+kernel needs (FlashAttention-2 varlen, a FlexAttention block mask, or the exact 4D mask).
 """
 
 from __future__ import annotations
@@ -66,22 +66,6 @@ def pack(samples: Iterable[tuple[list[int], list[int]]], max_seq_len: int, pad_i
         row.add(input_ids, labels)
     for row in rows:
         yield row.pad_to(max_seq_len, pad_id)
-
-
-def block_causal_mask(position_ids, dtype=None):
-    """A (batch, 1, length, length) additive mask from packed position ids: 0 where a token may
-    attend (same sample, not later), the dtype's minimum elsewhere. A sample starts wherever the
-    position id is 0, so the padding tail is a block of its own."""
-    import torch
-
-    dtype = dtype or torch.float32
-    sample = torch.cumsum(position_ids == 0, dim=1)  # (batch, length): which sample each token is in
-    same = sample[:, :, None] == sample[:, None, :]
-    causal = torch.tril(torch.ones(position_ids.shape[1], position_ids.shape[1], dtype=torch.bool,
-                                   device=position_ids.device))
-    allowed = (same & causal)[:, None]
-    return torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device).masked_fill_(~allowed,
-                                                                                           torch.finfo(dtype).min)
 
 
 def padding_share(rows: list[PackedRow]) -> float:

@@ -14,6 +14,7 @@ sample id and packing is deterministic), so rerunning with the same run name res
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -24,6 +25,7 @@ from ray.train.torch import TorchTrainer
 
 from agentflan_ray.config import TrainConfig
 from agentflan_ray.storage import filesystem, is_s3
+from agentflan_ray.training.checkpoints import final_metrics_location, read_final_metrics
 from agentflan_ray.training.data import prepare_dataset
 from agentflan_ray.training.loop import train_loop_per_worker
 
@@ -64,12 +66,16 @@ def run_train(config: TrainConfig, log=print) -> dict:
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True),
                                   enable_shard_locality=False),
     )
+    fs, final = final_metrics_location(config.storage_path, config.run_name, config.storage)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(final)  # an earlier run's
     result = trainer.fit()
-    summary = {"data": report, "steps": total_steps, "metrics": result.metrics,
+    summary = {"data": report, "steps": total_steps,
+               "metrics": read_final_metrics(fs, final) or result.metrics or {},
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
     if config.export_dir and result.checkpoint is not None:
         summary["export_dir"] = export_model(config, result.checkpoint)
-    m = result.metrics
+    m = summary["metrics"]
     log(f"[train] done: step {m.get('step')} of {total_steps} on {m.get('world_size')} workers (this attempt "
         f"resumed at step {m.get('resumed_from')}), loss {m.get('loss', math.nan):.4f}, "
         f"{m.get('avg_tokens_per_s', 0):,.0f} tokens/s; checkpoint {summary['checkpoint']}"
