@@ -91,6 +91,9 @@ def load_model(config: TrainConfig, attention: str):
         _apply_liger_kernel_to_instance(model=model, **fused)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # from_pretrained returns the model in eval mode, and DeepSpeed does not change it: without this,
+    # gradient checkpointing and Liger's fused loss (both only in training mode) are silently skipped.
+    model.train()
     return model, fused
 
 
