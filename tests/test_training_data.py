@@ -190,6 +190,36 @@ def test_prepared_rows_are_numbered_blocks_of_one_micro_batch(ray_session, tiny,
     assert [b["input_ids"][0].tolist() for b in again.iter_batches(batch_size=None, batch_format="numpy")] == first_rows
 
 
+def test_packing_depends_on_the_samples_not_on_how_they_are_stored(ray_session, tiny, tmp_path):
+    """1,500 samples in 1 file and the same samples in 7 files pack into the same rows: packing groups
+    come from the samples' keys, not from Ray's blocks (a sort's blocks follow randomly sampled
+    boundaries, which once made every run pack differently and a resumed run see other rows)."""
+    import random
+
+    from agentflan_ray.config import TrainConfig
+    from agentflan_ray.training.data import prepare_dataset
+
+    rng = random.Random(0)
+    rows = [{"id": f"s{i}", "source": "synthetic", "source_id": f"s{i}", "stream": "general", "tools": "[]",
+             "messages": [dict(MESSAGES[1], content=f"Question {i}?"),
+                          dict(MESSAGES[2], content=" ".join(["word"] * rng.randint(3, 120)))]}
+            for i in range(1500)]
+    layouts = {"one_file": [rows], "seven_files": [rows[i::7] for i in range(7)]}
+    packed = {}
+    for name, files in layouts.items():
+        (tmp_path / name / "general").mkdir(parents=True)
+        for n, part in enumerate(files):
+            pq.write_table(pa.Table.from_pylist(part, schema=SAMPLE_SCHEMA),
+                           tmp_path / name / "general" / f"part-{n:05d}.parquet")
+        config = load_config(TrainConfig, None, [f"data={tmp_path / name}", f"model={tiny[0].name_or_path}",
+                                                 "max_seq_len=256", "num_workers=1", "global_batch=4"])
+        dataset, report = prepare_dataset(config)
+        assert report["samples"] == 1500 and report["rows"] > 100
+        packed[name] = [r.tolist() for b in dataset.iter_batches(batch_size=None, batch_format="numpy")
+                        for r in b["input_ids"]]
+    assert packed["one_file"] == packed["seven_files"]
+
+
 def test_flops_per_token_counts_the_model_parameters():
     """6 x the parameters a token passes through (all but the input embedding) + the attention term."""
     from transformers import LlamaConfig, LlamaForCausalLM

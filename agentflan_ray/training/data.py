@@ -1,8 +1,10 @@
 """Generated shards -> packed training rows, in Ray Data, before any worker starts.
 
     read_parquet(<data>/<stream>/part-*.parquet, quarantine excluded)
-      .sort(hash(seed, id))            a seeded shuffle that does not depend on read order
-      .map_batches(TokenizeAndPack)    tokenize with the template, pack to max_seq_len
+      + _order = hash(seed, id)        a seeded shuffle that does not depend on read order
+      + _group = range of _order       ~512 samples each, decided by the samples alone
+      .groupby(_group).map_groups(TokenizeAndPack)
+                                       tokenize with the template, pack each group in _order
       .materialize()                   small (token ids only); counted
       .repartition(block_rows)         equal blocks, rows numbered by `row`
 
@@ -37,6 +39,8 @@ from agentflan_ray.training.packing import PackedRow, pack
 from agentflan_ray.training.tokenize import SkipSample, tokenize_sample
 from agentflan_ray.writing.shards import sample_shards
 
+PACK_GROUP = 512  # samples packed together (first-fit decreasing within each group)
+
 
 class TokenizeAndPack:
     def __init__(self, model: str, template: str, max_seq_len: int, overlong: str):
@@ -48,7 +52,10 @@ class TokenizeAndPack:
 
     def __call__(self, batch: dict) -> dict:
         samples, skipped, capability, truncated = [], Counter(), Counter(), 0
-        for messages in batch["messages"]:
+        messages_in_order = batch["messages"]
+        if "_order" in batch:  # a packing group, in whatever order the shuffle left its rows
+            messages_in_order = [batch["messages"][i] for i in np.argsort(batch["_order"], kind="stable")]
+        for messages in messages_in_order:
             messages = [dict(m) for m in messages]
             try:
                 tokenized = tokenize_sample(messages, self.tokenizer, self.template, self.max_seq_len, self.overlong)
@@ -80,9 +87,12 @@ class TokenizeAndPack:
         }
 
 
-def shuffle_key(batch: pa.Table, seed: int) -> pa.Table:
+def shuffle_key(batch: pa.Table, seed: int, groups: int = 1) -> pa.Table:
+    """``_order``: a seeded 64-bit hash of the sample id (the shuffle); ``_group``: which of
+    ``groups`` equal ranges of that hash it falls in (samples packed together, in ``_order``)."""
     keys = [hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).hexdigest() for i in batch.column("id").to_pylist()]
-    return batch.append_column("_order", pa.array(keys))
+    group = [int(k, 16) * groups >> 64 for k in keys]
+    return batch.append_column("_order", pa.array(keys)).append_column("_group", pa.array(group, pa.int64()))
 
 
 def prepare_dataset(config: TrainConfig):
@@ -104,11 +114,16 @@ def _prepare(config: TrainConfig):
 
     fs, _ = filesystem(config.data, config.storage)
     samples = ray.data.read_parquet(sample_shards(config.data, config.storage), filesystem=fs, columns=["id", "messages"])
-    shuffled = samples.map_batches(shuffle_key, fn_kwargs={"seed": config.seed}, batch_format="pyarrow").sort("_order")
-    packed = shuffled.map_batches(
+    # Packing groups come from the samples' keys, never from Ray's block or batch boundaries (a
+    # sort's blocks follow randomly sampled boundaries, so batches would hold other samples on every
+    # run, and a rerun that resumes would see other rows).
+    groups = max(1, round(samples.count() / PACK_GROUP))
+    shuffled = samples.map_batches(shuffle_key, fn_kwargs={"seed": config.seed, "groups": groups},
+                                   batch_format="pyarrow")
+    packed = shuffled.groupby("_group").map_groups(
         TokenizeAndPack, fn_constructor_kwargs={"model": config.model, "template": config.template,
                                                 "max_seq_len": config.max_seq_len, "overlong": config.overlong},
-        batch_size=512, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
     ).materialize()
     report = {"samples": 0, "packed": 0, "truncated": 0, "skipped": Counter(), "trained_tokens": Counter(),
               "padding": 0, "tokens": 0}
