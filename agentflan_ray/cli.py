@@ -2,20 +2,34 @@
 
     agentflan-ray generate --config jobs/configs/demo.yaml [key=value ...]
     agentflan-ray chat --config jobs/configs/chat_demo.yaml [key=value ...]
+    agentflan-ray train --config jobs/configs/train_demo.yaml data=./out/demo model=./tiny max_steps=20
     agentflan-ray serve-sim --port 8000 --latency 0.5 --rpm 6000 [--error-500 0.05 ...]
     agentflan-ray make-tiny-model --data ./out/demo --output ./tiny
-    agentflan-ray train --config jobs/configs/train_demo.yaml data=./out/demo model=./tiny max_steps=20
+
+Every job is one module with the same shape, listed in ``JOBS``:
+
+    Config                  its typed config (a ``JobConfig``)
+    preflight(config)       checks on the driver before Ray starts (inputs listed, manifests and the
+                            API endpoint checked); what it returns is handed to run
+    run(config, log, prepared)  the job on the connected Ray cluster; returns its manifest or summary
+    succeeded(result)       whether the exit status is 0 (every row accounted for)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import importlib
 import os
 import sys
 
-from agentflan_ray.config import ChatRunConfig, ConfigError, GenerateConfig, TrainConfig, load_config
+from agentflan_ray.config import ConfigError, build, load_data
+
+JOBS = {
+    "generate": ("agentflan_ray.generate", "turn agent trajectories into Agent-FLAN sample shards"),
+    "chat": ("agentflan_ray.chat", "answer a file of chat requests through the rate-limited, cached client"),
+    "train": ("agentflan_ray.training.train", "DeepSpeed SFT over generated shards with Ray Train"),
+}
 
 
 def connect_ray(address: str = "") -> None:
@@ -37,33 +51,15 @@ def prefer_loopback(address: str) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-def run_generate(config_path: str | None, overrides: list[str]) -> dict:
-    config = load_config(GenerateConfig, config_path, overrides)
-    prefer_loopback(config.ray_address)
-    from agentflan_ray.generate import generate
-
+def run_job(name: str, config_path: str | None, overrides: list[str], log=print):
+    """Load and check the config, run the job's preflight, then connect to Ray and run it."""
+    data = load_data(config_path, overrides)
+    prefer_loopback(str(data.get("ray_address") or ""))
+    job = importlib.import_module(JOBS[name][0])
+    config = build(job.Config, data, "")
+    prepared = job.preflight(config)  # before Ray: a missing input or a bad key fails in seconds
     connect_ray(config.ray_address)
-    return generate(config)
-
-
-def run_chat(config_path: str | None, overrides: list[str]) -> dict:
-    config = load_config(ChatRunConfig, config_path, overrides)
-    prefer_loopback(config.ray_address)
-    from agentflan_ray.llm.run import check_endpoint
-    from agentflan_ray.llm.run import run_chat as run
-
-    probe = check_endpoint(config)  # before starting Ray: a bad key fails in a second
-    connect_ray(config.ray_address)
-    return run(config, probe=probe)
-
-
-def run_train(config_path: str | None, overrides: list[str]) -> dict:
-    config = load_config(TrainConfig, config_path, overrides)
-    prefer_loopback(config.ray_address)
-    from agentflan_ray.training.train import run_train as run
-
-    connect_ray(config.ray_address)
-    return run(config)
+    return job, job.run(config, log=log, prepared=prepared)
 
 
 def serve_sim(argv: list[str]) -> int:
@@ -95,35 +91,23 @@ def main(argv: list[str] | None = None) -> int:
         return serve_sim(argv[1:])
     parser = argparse.ArgumentParser(prog="agentflan-ray", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="turn agent trajectories into Agent-FLAN sample shards")
-    chat = commands.add_parser("chat", help="answer a file of chat requests through the rate-limited, cached client")
+    for name, (_, help_text) in JOBS.items():
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--config", help="YAML config file (see jobs/configs/)")
+        command.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys allowed (llm.rpm=600)")
     commands.add_parser("serve-sim", help="start the OpenAI-compatible API simulator (see serve-sim --help)")
     tiny = commands.add_parser("make-tiny-model", help="a tiny Llama-style model + tokenizer trained on generated data")
     tiny.add_argument("--data", required=True, help="a generate output directory")
     tiny.add_argument("--output", required=True)
-    train = commands.add_parser("train", help="DeepSpeed SFT over generated shards with Ray Train")
-    for command in (gen, chat, train):
-        command.add_argument("--config", help="YAML config file (see jobs/configs/)")
-        command.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys allowed (llm.rpm=600)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "generate":
-            manifest = run_generate(args.config, args.overrides)
-            counts = manifest["counts"]
-            return 0 if counts["read"] == counts["written"] + counts["quarantined"] else 1
         if args.command == "make-tiny-model":
             from agentflan_ray.training.tiny_model import make_tiny_model
 
             print(f"tiny model written to {make_tiny_model(args.data, args.output)}")
             return 0
-        if args.command == "train":
-            summary = run_train(args.config, args.overrides)
-            print("[train] summary " + json.dumps(summary, default=str))
-            return 0
-        if args.command == "chat":
-            manifest = run_chat(args.config, args.overrides)
-            counts = manifest["counts"]
-            return 0 if counts["read"] == counts["ok"] + counts["dead_letter"] else 1
+        job, result = run_job(args.command, args.config, args.overrides)
+        return 0 if job.succeeded(result) else 1
     except ConfigError as exc:
         print(f"agentflan-ray: config error: {exc}", file=sys.stderr)
         return 2

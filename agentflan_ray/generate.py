@@ -5,80 +5,132 @@ Read top to bottom, the job is::
     plan_read_tasks        list input files on the driver, cut them into deterministic read tasks
     ray.data.from_items    one row per read task
       .map(run_read_task)  on workers: stream records -> parse -> align -> balance -> Parquet shards
-    merge stats            every record read is counted as written or quarantined, per source
-    remove_stale_shards    a rerun replaces earlier files, never adds to them
-    write_manifest         last, so a manifest means a complete output
+    merge tallies          every record read is counted as written or quarantined, per source
+    finish_output          a rerun replaces the files of its own folders, then the manifest, last
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
 import time
-from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Literal
 
 import ray
 
 from agentflan_ray.aligning.align import align
-from agentflan_ray.balancing.balance import balance_sample, trained_tokens
-from agentflan_ray.config import GenerateConfig
+from agentflan_ray.balancing.balance import BalanceConfig, balance_sample, trained_tokens
+from agentflan_ray.config import ConfigError, JobConfig
 from agentflan_ray.reading.decode import PREVIEW, RawRecord, iter_raw_records
 from agentflan_ray.reading.parse import parse_record
 from agentflan_ray.reading.plan import FileRange, ReadTask, plan_read_tasks
 from agentflan_ray.reading.turns import record_id
-from agentflan_ray.records import Quarantined, RecordError
+from agentflan_ray.records import STREAMS, Quarantined, RecordError
 from agentflan_ray.storage import s3_endpoint
-from agentflan_ray.writing.manifest import (
-    build_manifest,
-    remove_manifest,
-    remove_stale_shards,
-    write_manifest,
-)
-from agentflan_ray.writing.shards import QUARANTINE, ShardWriter
+from agentflan_ray.writing.accounting import Progress, Tally
+from agentflan_ray.writing.manifest import build_manifest, finish_output, start_output
+from agentflan_ray.writing.shards import QUARANTINE, ShardWriter, sample_schema
+
+AGENTINSTRUCT_STREAMS = ("agent_instruct_react", "agent_instruct_tflan")
 
 
-class Tally:
-    """Counts of one read task; merged on the driver into the manifest's counts."""
+@dataclass
+class InputSpec:
+    format: Literal["toolbench", "agentinstruct", "agentflan", "sharegpt"]
+    path: str
+    # Name recorded in the `source` column; defaults to the format.
+    source: str = ""
 
-    def __init__(self):
-        self.records: dict[str, Counter] = defaultdict(Counter)  # source -> read/written/quarantined
-        self.reasons: dict[str, Counter] = defaultdict(Counter)  # source -> reason -> n
-        self.samples: Counter = Counter()
-        self.tokens_before: Counter = Counter()
-        self.tokens_after: Counter = Counter()
-        self.notes: Counter = Counter()
-        self.files: dict[str, int] = {}
+    def validate(self, key: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{key}.path: must not be empty")
+        if not self.source:
+            self.source = self.format
 
-    def to_json(self) -> str:
-        return json.dumps({k: v for k, v in vars(self).items()})
 
-    def merge(self, text: str) -> None:
-        data = json.loads(text)
-        for source, counts in data["records"].items():
-            self.records[source].update(counts)
-        for source, counts in data["reasons"].items():
-            self.reasons[source].update(counts)
-        self.samples.update(data["samples"])
-        self.tokens_before.update(data["tokens_before"])
-        self.tokens_after.update(data["tokens_after"])
-        self.notes.update(data["notes"])
-        self.files.update(data["files"])
+@dataclass
+class ToolBenchSplit:
+    """Shares of ToolBench trajectories per stream; a trajectory lands in exactly one."""
+
+    react: float = 0.1
+    tflan_cot: float = 0.3
+    tflan_decomposed: float = 0.6
+
+    def validate(self, key: str) -> None:
+        shares = dataclasses.asdict(self)
+        for name, share in shares.items():
+            if not 0.0 <= share <= 1.0:
+                raise ConfigError(f"{key}.{name}: must be within [0, 1], got {share}")
+        if abs(sum(shares.values()) - 1.0) > 1e-6:
+            raise ConfigError(f"{key}: shares must add up to 1, got {sum(shares.values()):.4f}")
+
+
+@dataclass
+class GenerateConfig(JobConfig):
+    """The `generate` job: source trajectories -> Agent-FLAN sample shards (see the module docstring)."""
+
+    inputs: list[InputSpec] = field(default_factory=list)
+    output: str = "./out/run1"
+    rewrite: Literal["template", "llm"] = "template"
+    seed: int = 0
+    toolbench_split: ToolBenchSplit = field(default_factory=ToolBenchSplit)
+    # Fraction of ToolBench trajectories that also yield one `instruct` (format-following) sample.
+    instruct_share: float = 0.05
+    agentinstruct_streams: list[str] = field(default_factory=lambda: list(AGENTINSTRUCT_STREAMS))
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    # A single source record larger than this is quarantined as `record_too_large`.
+    max_record_bytes: int = 16 * 1024 * 1024
+    # Input is cut into read tasks of about this many bytes (JSONL files are split by byte range).
+    task_bytes: int = 32 * 1024 * 1024
+    # Rows per Parquet row group; bounds writer memory.
+    row_group_rows: int = 2000
+    # Retries of a read task that failed outside record handling (S3 or disk errors).
+    task_retries: int = 3
+
+    def validate(self, key: str = "") -> None:
+        if not self.inputs:
+            raise ConfigError("inputs: at least one input is required")
+        if not self.output:
+            raise ConfigError("output: must not be empty")
+        if self.rewrite == "llm":
+            raise ConfigError(
+                "rewrite: 'llm' is not available in this version yet (the LLM rewrite stage ships with "
+                "the rate-limited client); use rewrite=template"
+            )
+        if not 0.0 <= self.instruct_share <= 1.0:
+            raise ConfigError(f"instruct_share: must be within [0, 1], got {self.instruct_share}")
+        for name in self.agentinstruct_streams:
+            if name not in AGENTINSTRUCT_STREAMS:
+                raise ConfigError(f"agentinstruct_streams: unknown stream {name!r}; use {list(AGENTINSTRUCT_STREAMS)}")
+        if self.max_record_bytes < 1024:
+            raise ConfigError(f"max_record_bytes: must be at least 1024, got {self.max_record_bytes}")
+        if self.task_bytes < 1024:
+            raise ConfigError(f"task_bytes: must be at least 1024, got {self.task_bytes}")
+        if self.task_retries < 0:
+            raise ConfigError(f"task_retries: must be 0 or more, got {self.task_retries}")
+        if self.row_group_rows < 1:
+            raise ConfigError(f"row_group_rows: must be positive, got {self.row_group_rows}")
+
+
+Config = GenerateConfig
+NAME = "generate"
+FOLDERS = (*STREAMS, QUARANTINE)  # the only folders of its root this job writes or cleans
 
 
 def run_read_task(row: dict, config: GenerateConfig) -> dict:
     task = ReadTask.from_row(row)
     tally = Tally()
-    writer = ShardWriter(config.output, f"part-{task.index:05d}", config.storage, config.row_group_rows)
+    writer = ShardWriter(config.output, config.storage, sample_schema, config.row_group_rows, first_part=task.index)
     ratios = config.balance.resolved()
     for piece in task.ranges:
         for raw in iter_raw_records(piece, config):
-            tally.records[piece.source]["read"] += 1
+            tally.read(piece.source)
             problem = process_raw_record(raw, piece, config, ratios, writer, tally)
             if problem is None:
-                tally.records[piece.source]["written"] += 1
+                tally.outcome(piece.source, "written")
                 continue
-            tally.records[piece.source]["quarantined"] += 1
-            tally.reasons[piece.source][problem.reason] += 1
+            tally.outcome(piece.source, "quarantined", problem.reason)
             writer.add(QUARANTINE, problem.to_row())
     tally.files = writer.close()
     return {"index": task.index, "stats": tally.to_json()}
@@ -90,7 +142,7 @@ def process_raw_record(raw: RawRecord, piece: FileRange, config, ratios, writer,
         return Quarantined(piece.source, raw.where, raw.error, raw.detail, piece.name, raw.preview)
     source_id = record_id(raw.value, raw.where)
     try:
-        trajectory = parse_record(piece.format, raw.value, piece.source, source_id, tally.notes)
+        trajectory = parse_record(piece.format, raw.value, piece.source, source_id, tally.extra["notes"])
         samples = align(trajectory, config)
     except RecordError as exc:
         return Quarantined(piece.source, source_id, exc.reason, exc.detail, piece.name, _preview(raw.value))
@@ -100,10 +152,10 @@ def process_raw_record(raw: RawRecord, piece: FileRange, config, ratios, writer,
     if not samples:
         return Quarantined(piece.source, source_id, "no_samples", "the record produced no sample", piece.name)
     for sample in samples:
-        tally.tokens_before.update(trained_tokens(sample))
-        balance_sample(sample, ratios, config.seed)
-        tally.tokens_after.update(trained_tokens(sample))
-        tally.samples[sample.stream] += 1
+        tally.extra["tokens_before"].update(trained_tokens(sample))
+        sample = balance_sample(sample, ratios, config.seed)
+        tally.extra["tokens_after"].update(trained_tokens(sample))
+        tally.extra["samples"][sample.stream] += 1
         writer.add(sample.stream, sample.to_row())
     return None
 
@@ -111,20 +163,26 @@ def process_raw_record(raw: RawRecord, piece: FileRange, config, ratios, writer,
 def _preview(value) -> str:
     try:
         return json.dumps(value, ensure_ascii=False)[:PREVIEW]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return repr(value)[:PREVIEW]
 
 
-def generate(config: GenerateConfig, log=print) -> dict:
-    """Run the job on the connected Ray cluster (``ray.init`` is the caller's) and return the manifest."""
-    started = time.monotonic()
+def preflight(config: GenerateConfig) -> list[ReadTask]:
+    """On the driver, before Ray starts: every input matches files, which are cut into read tasks."""
     if not config.storage.endpoint_url:
         # Resolve once on the driver so every worker reaches the same S3 endpoint.
         config.storage.endpoint_url = s3_endpoint(config.storage)
     tasks, unmatched = plan_read_tasks(config)
-    remove_manifest(config)
-    for path in unmatched:
-        log(f"[generate] warning: input {path} matched no file")
+    if unmatched:
+        raise FileNotFoundError("inputs: " + "; ".join(f"{path} matched no file" for path in unmatched))
+    return tasks
+
+
+def run(config: GenerateConfig, log=print, prepared: list[ReadTask] | None = None) -> dict:
+    """Run the job on the connected Ray cluster (``ray.init`` is the caller's) and return the manifest."""
+    started = time.monotonic()
+    tasks = preflight(config) if prepared is None else prepared
+    start_output(config.output, config.storage)
     log(f"[generate] {len(tasks)} read tasks over {sum(len(t.ranges) for t in tasks)} file pieces -> {config.output}")
     tally = Tally()
     if tasks:
@@ -134,13 +192,23 @@ def generate(config: GenerateConfig, log=print) -> dict:
         context.max_map_retries = config.task_retries
         dataset = ray.data.from_items([t.to_row() for t in tasks], override_num_blocks=len(tasks))
         results = dataset.map(run_read_task, fn_kwargs={"config": config})
-        progress = Progress(len(tasks), log, enabled=config.progress)
+        progress = Progress(NAME, len(tasks), "read tasks", log, config.progress)
         for row in results.iter_rows():
             tally.merge(row["stats"])
             progress.update(tally)
-    remove_stale_shards(config, set(tally.files))
-    manifest = build_manifest(config, tally)
-    write_manifest(config, manifest)
+    extra = tally.extra
+    manifest = build_manifest(
+        NAME, config, tally,
+        samples={"total": sum(extra["samples"].values()), "per_stream": dict(sorted(extra["samples"].items()))},
+        trained_tokens={
+            "estimate": "characters / 4 of assistant turns with loss",
+            "balance_ratios": config.balance.resolved(),
+            "before_balancing": dict(sorted(extra["tokens_before"].items())),
+            "after_balancing": dict(sorted(extra["tokens_after"].items())),
+        },
+        notes=dict(sorted(extra["notes"].items())),
+    )
+    finish_output(config.output, config.storage, FOLDERS, manifest)
     counts = manifest["counts"]
     log(
         f"[generate] done in {time.monotonic() - started:.1f}s: read {counts['read']}, written {counts['written']}, "
@@ -149,27 +217,7 @@ def generate(config: GenerateConfig, log=print) -> dict:
     return manifest
 
 
-class Progress:
-    """One line at most every two seconds: tasks done, records, rate, quarantined so far."""
-
-    def __init__(self, total: int, log, enabled: bool):
-        self.total, self.log, self.enabled = total, log, enabled
-        self.done = 0
-        self.started = self.last = time.monotonic()
-
-    def update(self, tally: Tally) -> None:
-        self.done += 1
-        now = time.monotonic()
-        if self.enabled and (now - self.last >= 2.0 or self.done == self.total):
-            self.last = now
-            self._print(tally, now)
-
-    def _print(self, tally: Tally, now: float) -> None:
-        read = sum(c["read"] for c in tally.records.values())
-        quarantined = sum(c["quarantined"] for c in tally.records.values())
-        rate = read / max(now - self.started, 1e-9)
-        self.log(
-            f"[generate] {self.done}/{self.total} tasks · {read:,} records · {rate:,.0f} records/s · "
-            f"{quarantined:,} quarantined"
-        )
-        sys.stdout.flush()
+def succeeded(manifest: dict) -> bool:
+    """Every record read was written or quarantined, per source."""
+    return all(c["read"] == c["written"] + c["quarantined"] + c["dead_lettered"]
+               for c in manifest["counts"]["per_source"].values())

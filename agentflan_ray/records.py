@@ -21,6 +21,9 @@ import pyarrow as pa
 
 ROLES = ("system", "user", "assistant")
 CAPABILITIES = ("reasoning", "retrieval", "understanding", "instruction_following")
+# Every stream a sample can be in; each is a folder of a generate output.
+STREAMS = ("react", "tflan_cot", "tflan_decomposed", "instruct", "negative", "agent_instruct_react",
+           "agent_instruct_tflan", "general", "agentflan")
 
 
 @dataclass

@@ -10,11 +10,19 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from agentflan_ray.config import StorageConfig
+
+@dataclass
+class StorageConfig:
+    """Where s3:// paths go. Credentials come from the usual AWS variables, never from here."""
+
+    endpoint_url: str = ""
+    region: str = "us-east-1"
+
 
 GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -37,8 +45,15 @@ def filesystem(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
             if not host:
                 scheme, host = "https", endpoint
             kwargs.update(endpoint_override=host, scheme=scheme)
-        return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
+        return pafs.S3FileSystem(**kwargs), fs_path(uri)
+    return pafs.LocalFileSystem(), fs_path(uri)
+
+
+def fs_path(uri: str) -> str:
+    """The path ``filesystem(uri)``'s filesystem understands: no scheme, local paths absolute."""
+    if is_s3(uri):
+        return uri[len("s3://"):].rstrip("/")
+    return str(Path(uri).expanduser().absolute())
 
 
 def join(uri: str, *parts: str) -> str:

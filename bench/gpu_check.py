@@ -65,9 +65,7 @@ def emit(record: dict) -> None:
 
 def prepare(args) -> None:
     """Here, on CPU: the demo generate output's sample shards and a BPE tokenizer trained on them."""
-    from agentflan_ray.config import StorageConfig
     from agentflan_ray.training.tiny_model import sample_texts, train_tokenizer
-    from agentflan_ray.writing.shards import sample_shards
 
     out = Path(args.inputs)
     demo = Path(args.demo)
@@ -76,34 +74,27 @@ def prepare(args) -> None:
                         str(REPO / "jobs/configs/demo.yaml"), f"output={demo}", "progress=false"],
                        check=True, cwd=REPO)
     shutil.rmtree(out, ignore_errors=True)
-    for path in sample_shards(str(demo), StorageConfig()):
-        target = out / "samples" / Path(path).relative_to(demo)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, target)
+    shutil.copytree(demo, out / "samples", ignore=shutil.ignore_patterns("quarantine"))  # shards + manifest
     train_tokenizer(sample_texts(str(demo)), 2000).save_pretrained(out / "tokenizer")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
 
 
 def replicate_samples(source: Path, dest: Path, copies: int) -> int:
-    """The carried samples ``copies`` times over with new ids, one Parquet file per stream."""
-    import pyarrow as pa
+    """The carried samples ``copies`` times over with new ids, as a finished generate output."""
     import pyarrow.parquet as pq
 
-    if dest.exists():
-        shutil.rmtree(dest)
-    total = 0
-    for path in sorted(source.glob("*/part-*.parquet")):
-        table = pq.read_table(path)
-        tables = []
-        for copy in range(copies):
-            ids = [f"{i}#{copy}" for i in table.column("id").to_pylist()]
-            tables.append(table.set_column(table.schema.get_field_index("id"), "id", pa.array(ids)))
-        (dest / path.parent.name).mkdir(parents=True, exist_ok=True)
-        merged = pa.concat_tables(tables)
-        pq.write_table(merged, dest / path.parent.name / "part-00000.parquet")
-        total += merged.num_rows
-    return total
+    from agentflan_ray.storage import StorageConfig
+    from agentflan_ray.writing.manifest import sample_shards, write_output
+    from agentflan_ray.writing.shards import sample_schema
+
+    streams: dict[str, list[dict]] = {}
+    for path in sample_shards(str(source), StorageConfig()):
+        rows = pq.read_table(path).to_pylist()
+        streams.setdefault(Path(path).parent.name, []).extend(
+            {**row, "id": f"{row['id']}#{copy}"} for copy in range(copies) for row in rows)
+    shutil.rmtree(dest, ignore_errors=True)
+    return write_output(str(dest), StorageConfig(), "generate", streams, sample_schema)["counts"]["written"]
 
 
 def make_model(tokenizer_dir: Path, dest: Path, shape: dict, device: str) -> Path:
@@ -131,7 +122,7 @@ def pack_locally(config) -> dict:
     import pyarrow.parquet as pq
 
     from agentflan_ray.training.data import PACK_GROUP, TokenizeAndPack, shuffle_key
-    from agentflan_ray.writing.shards import sample_shards
+    from agentflan_ray.writing.manifest import sample_shards
 
     table = pa.concat_tables([pq.read_table(p, columns=["id", "messages"])
                               for p in sample_shards(config.data, config.storage)])
@@ -166,9 +157,10 @@ def correctness(args) -> None:
     from torch.nn.attention.flex_attention import create_mask
     from transformers import AutoModelForCausalLM
 
-    from agentflan_ray.config import TrainConfig, load_config
+    from agentflan_ray.config import load_config
     from agentflan_ray.training.attention import attention_inputs, block_causal_mask, document_mask_mod
     from agentflan_ray.training.engine import liger_installed, select_fused_kernels
+    from agentflan_ray.training.train import TrainConfig
 
     work, device = Path(args.work), args.device
     shape = "tiny" if args.dry_run else "small"
@@ -293,7 +285,8 @@ def correctness(args) -> None:
 
 
 def train_config(args, model_dir: Path, micro: int, fused: str, extra: list[str] = ()):
-    from agentflan_ray.config import TrainConfig, load_config
+    from agentflan_ray.config import load_config
+    from agentflan_ray.training.train import TrainConfig
 
     work = Path(args.work)
     return load_config(TrainConfig, None, [
@@ -492,7 +485,7 @@ def kernel_kind(name: str) -> str:
 def through_ray(args) -> None:
     import ray
 
-    from agentflan_ray.training.train import run_train
+    from agentflan_ray.training.train import run as run_train
 
     cuda = args.device == "cuda"
     address = os.environ.get("RAY_ADDRESS")

@@ -80,20 +80,21 @@ async def plain_client(base_url: str, requests: int, concurrency: int) -> tuple[
 
 
 def ray_client(base_url: str, args, workdir: Path) -> tuple[int, int]:
-    from agentflan_ray.config import ChatRunConfig, load_config
-    from agentflan_ray.llm.run import run_chat
+    from agentflan_ray.chat import ChatConfig
+    from agentflan_ray.chat import run as run_chat
+    from agentflan_ray.config import load_config
 
     requests = workdir / "requests.jsonl"
     with open(requests, "w") as f:
         for i in range(args.requests):
             f.write(json.dumps({"id": f"q{i}", "messages": [{"role": "user", "content": f"ray request {i}"}]}) + "\n")
-    config = load_config(ChatRunConfig, None, [
+    config = load_config(ChatConfig, None, [
         f"input={requests}", f"output={workdir / 'out'}", f"llm.base_url={base_url}", "llm.model=sim-gpt-4",
         f"llm.rpm={args.rpm}", f"llm.concurrency={args.concurrency}", f"llm.actors={args.actors}",
         "llm.max_tokens=64", "llm.cache=false", "progress=false",
     ])
     manifest = run_chat(config, log=lambda *_: None)
-    return manifest["counts"]["ok"], manifest["counts"]["dead_letter"]
+    return manifest["counts"]["written"], manifest["counts"]["dead_lettered"]
 
 
 def main() -> None:

@@ -73,8 +73,9 @@ def main() -> None:
 
     import ray
 
-    from agentflan_ray.config import GenerateConfig, load_config
-    from agentflan_ray.generate import generate
+    from agentflan_ray.config import load_config
+    from agentflan_ray.generate import GenerateConfig
+    from agentflan_ray.generate import run as generate
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="afr-bench-"))
     data, out = workdir / "input", workdir / "out"

@@ -51,9 +51,9 @@ def sample_lengths(data: Path, model: Path) -> list[int]:
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from agentflan_ray.config import StorageConfig
+    from agentflan_ray.storage import StorageConfig
     from agentflan_ray.training.tokenize import SkipSample, tokenize_sample
-    from agentflan_ray.writing.shards import sample_shards
+    from agentflan_ray.writing.manifest import sample_shards
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     lengths = []
@@ -106,10 +106,11 @@ def overhead(args) -> None:
     import numpy as np
     import ray
 
-    from agentflan_ray.config import TrainConfig, load_config
+    from agentflan_ray.config import load_config
     from agentflan_ray.training.data import prepare_dataset
     from agentflan_ray.training.tiny_model import make_tiny_model
-    from agentflan_ray.training.train import run_train
+    from agentflan_ray.training.train import TrainConfig
+    from agentflan_ray.training.train import run as run_train
 
     work = Path(args.work)
     data, _ = demo_samples(work)
@@ -159,7 +160,7 @@ def bare_worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from agentflan_ray.config import TrainConfig, load_config
+    from agentflan_ray.config import load_config
     from agentflan_ray.training.engine import (
         StepMeter,
         expected_row,
@@ -167,6 +168,7 @@ def bare_worker(args) -> None:
         to_device,
         train_micro_batch,
     )
+    from agentflan_ray.training.train import TrainConfig
 
     config = load_config(TrainConfig, None, json.loads(args.overrides))
     dist.init_process_group("gloo")

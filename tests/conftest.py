@@ -63,6 +63,28 @@ def s3_bucket(s3_server):
     return name
 
 
+SIM_KEY = "sk-simulator-test-key-0123456789"  # the simulator's key: any other gets 401
+
+
+@pytest.fixture
+def simulator(monkeypatch):
+    """``start(**SimulatorConfig fields) -> (server, base_url)``: the bundled OpenAI-compatible
+    simulator on a free port of 127.0.0.1, stopped after the test; $OPENAI_API_KEY holds its key."""
+    from agentflan_ray.llm.simulator import SimulatorConfig, SimulatorServer
+
+    monkeypatch.setenv("OPENAI_API_KEY", SIM_KEY)
+    servers = []
+
+    def start(**kwargs):
+        server = SimulatorServer(SimulatorConfig(**{"port": 0, "latency_s": 0.01, "api_key": SIM_KEY, **kwargs}))
+        servers.append(server)
+        return server, server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
     import ray
@@ -117,12 +139,24 @@ def write_tiny_data(root):
     rows.append({**rows[0], "id": "no-assistant", "messages": messages[:2]})
     long_turn = dict(messages[2], content="Paris " * 200)
     rows.append({**rows[0], "id": "long", "messages": [*messages[:2], long_turn]})
-    (root / "data" / "general").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), root / "data/general/part-00000.parquet")
+    write_samples(root / "data", {"general": rows})
+    # An empty shard the manifest lists (as a generate read task that kept nothing would leave it).
     (root / "data" / "empty").mkdir()
     pq.write_table(pa.Table.from_pylist([], schema=SAMPLE_SCHEMA), root / "data/empty/part-00000.parquet")
+    manifest = json.loads((root / "data/manifest.json").read_text())
+    manifest["files"].append({"path": "empty/part-00000.parquet", "rows": 0})
+    (root / "data/manifest.json").write_text(json.dumps(manifest))
     make_tiny_model(str(root / "data"), str(root / "model"), hidden=64, layers=2, vocab_size=300)
     return root
+
+
+def write_samples(output: Path, streams: dict[str, list[dict]]) -> dict:
+    """A finished generate output (shards + manifest) holding these sample rows per stream."""
+    from agentflan_ray.storage import StorageConfig
+    from agentflan_ray.writing.manifest import write_output
+    from agentflan_ray.writing.shards import sample_schema
+
+    return write_output(str(output), StorageConfig(), "generate", streams, sample_schema)
 
 
 def registered_checkpoints(snapshot_text: str) -> list[dict]:

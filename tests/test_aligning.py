@@ -19,7 +19,8 @@ from agentflan_ray.aligning.toolbench import (
 )
 from agentflan_ray.aligning.verify import check_toolbench_sample
 from agentflan_ray.balancing.balance import balance_sample
-from agentflan_ray.config import GenerateConfig, load_config
+from agentflan_ray.config import load_config
+from agentflan_ray.generate import GenerateConfig
 from agentflan_ray.reading.agentinstruct import parse_agentinstruct
 from agentflan_ray.reading.toolbench import parse_toolbench
 from agentflan_ray.records import Message, RecordError, Sample
@@ -198,10 +199,11 @@ def test_balancing_keeps_each_capability_at_its_ratio(preset, ratios):
             Message("assistant", "x", loss=True, capability=c) for c in ("reasoning", "retrieval", "understanding")
         ]
         sample = Sample(f"s{i}", "src", f"s{i}", "tflan_decomposed", messages)
-        balance_sample(sample, config.balance.resolved(), seed=0)
-        for m in messages[1:]:
+        balanced = balance_sample(sample, config.balance.resolved(), seed=0)
+        assert all(m.loss for m in sample.messages[1:])  # the input is not changed
+        for m in balanced.messages[1:]:
             total[m.capability] += 1
             kept[m.capability] += m.loss
-        assert len(sample.messages) == 4 and all(m.content == "x" for m in messages[1:])
+        assert [m.content for m in balanced.messages] == ["q", "x", "x", "x"]
     for capability, ratio in zip(("reasoning", "retrieval", "understanding"), ratios, strict=True):
         assert abs(kept[capability] / total[capability] - ratio) < 0.03

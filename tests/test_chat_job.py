@@ -1,5 +1,6 @@
 """The chat job on a real local Ray against the bundled simulator: no row lost or duplicated under
-faults, cached replies on rerun after a kill, and a bad key stopping the job at once."""
+faults, byte-identical reruns, cached replies on rerun after a kill, output and cache on S3, and a
+bad key stopping the job at once."""
 
 import json
 import os
@@ -11,29 +12,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO
+from conftest import REPO, SIM_KEY
 
+from agentflan_ray.chat import ChatConfig
+from agentflan_ray.chat import run as run_chat
 from agentflan_ray.cli import main
-from agentflan_ray.config import ChatRunConfig, load_config
-from agentflan_ray.llm.run import run_chat
-from agentflan_ray.llm.simulator import SimulatorConfig, SimulatorServer
-
-KEY = "sk-chat-job-secret-0123456789"
-
-
-@pytest.fixture
-def simulator(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    servers = []
-
-    def start(**kwargs):
-        server = SimulatorServer(SimulatorConfig(port=0, api_key=KEY, **kwargs))
-        servers.append(server)
-        return server, server.start()
-
-    yield start
-    for server in servers:
-        server.stop()
+from agentflan_ray.config import load_config
 
 
 def write_requests(path: Path, n: int, broken: bool = False) -> list[str]:
@@ -47,8 +31,8 @@ def write_requests(path: Path, n: int, broken: bool = False) -> list[str]:
     return ids
 
 
-def chat_config(requests: Path, out: Path, url: str, *extra: str) -> ChatRunConfig:
-    return load_config(ChatRunConfig, None, [
+def chat_config(requests: Path, out: Path, url: str, *extra: str) -> ChatConfig:
+    return load_config(ChatConfig, None, [
         f"input={requests}", f"output={out}", f"llm.base_url={url}", "llm.model=sim-gpt-4", "progress=false",
         "llm.backoff_initial_s=0.05", "llm.backoff_max_s=1", "llm.concurrency=16", "llm.batch_size=32", *extra,
     ])
@@ -56,10 +40,28 @@ def chat_config(requests: Path, out: Path, url: str, *extra: str) -> ChatRunConf
 
 def read_rows(out: Path) -> list[dict]:
     rows = []
-    for folder in ("responses", "dead_letters"):
+    for folder in ("responses", "dead_letters", "quarantine"):
         if (out / folder).exists():
             rows += pq.read_table(out / folder).to_pylist()
     return rows
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def other_jobs_actors() -> list[str]:
+    """Live actors of this test's Ray that belong to a job other than this test process's."""
+    import ray
+    import ray._private.state
+
+    own = ray.get_runtime_context().get_job_id()
+    return [a["ActorClassName"] for a in ray._private.state.actors().values()
+            if a["State"] == "ALIVE" and a["JobID"] != own]
 
 
 @pytest.mark.slow
@@ -71,11 +73,14 @@ def test_faults_and_a_tight_limit_lose_and_duplicate_nothing(ray_session, simula
     rows = read_rows(tmp_path / "out")
     assert len(rows) == manifest["counts"]["read"] == 242
     assert len({r["id"] for r in rows}) == 242
-    ok = {r["id"] for r in rows if r["status"] == "ok"}
-    dead = [r for r in rows if r["status"] == "dead_letter"]
-    assert ok == set(ids)
-    assert sorted(r["error"] for r in dead) == ["messages: expected a non-empty list", "request: not valid JSON"]
-    assert manifest["counts"] == {"read": 242, "ok": 240, "dead_letter": 2, "cached": 0}
+    assert {r["id"] for r in rows if r["status"] == "ok"} == set(ids)
+    quarantined = [r for r in rows if r["status"] == "quarantined"]
+    assert sorted(r["error"] for r in quarantined) == ["bad_request: messages: expected a non-empty list",
+                                                       "bad_request: not valid JSON"]
+    counts = manifest["counts"]
+    assert (counts["read"], counts["written"], counts["quarantined"], counts["dead_lettered"]) == (242, 240, 2, 0)
+    assert counts["per_reason"] == {"bad_request": 2}
+    assert manifest["llm"]["cached"] == 0 and manifest["llm"]["requests"] >= 240
     assert manifest["budget"]["rpm"] == 1200
     stats = server.stats()
     assert stats["faults"].get("error_500", 0) + stats["faults"].get("error_503", 0) > 0
@@ -83,7 +88,26 @@ def test_faults_and_a_tight_limit_lose_and_duplicate_nothing(ray_session, simula
     assert 0 < stats["status"].get("429", 0) <= 0.1 * stats["answered"]
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file():
-            assert KEY.encode() not in path.read_bytes()
+            assert SIM_KEY.encode() not in path.read_bytes()
+
+
+@pytest.mark.slow
+def test_a_rerun_writes_byte_identical_response_shards(ray_session, simulator, tmp_path):
+    """Rows come out in input order whatever order the replies arrive in, and the rerun's answers
+    come from the cache: the same bytes, the second time with no request made."""
+    server, url = simulator(latency_s=0.02, latency_jitter=0.9)
+    requests = tmp_path / "requests.jsonl"
+    ids = write_requests(requests, 300)
+    config = chat_config(requests, tmp_path / "out", url, "llm.batch_size=16")
+    first = run_chat(config, log=lambda *_: None)
+    files = {p.relative_to(tmp_path / "out"): p.read_bytes() for p in (tmp_path / "out/responses").glob("*.parquet")}
+    assert [r["id"] for r in pq.read_table(tmp_path / "out/responses").to_pylist()] == ids
+    answered = server.stats()["answered"]
+    second = run_chat(config, log=lambda *_: None)
+    assert server.stats()["answered"] == answered  # nothing asked again
+    assert (first["llm"]["cached"], second["llm"]["cached"]) == (0, 300)
+    again = {p.relative_to(tmp_path / "out"): p.read_bytes() for p in (tmp_path / "out/responses").glob("*.parquet")}
+    assert files and again == files
 
 
 def test_invalid_key_stops_the_job_within_seconds(ray_session, simulator, tmp_path, monkeypatch, capsys):
@@ -97,7 +121,7 @@ def test_invalid_key_stops_the_job_within_seconds(ray_session, simulator, tmp_pa
     err = capsys.readouterr().err
     assert "HTTP 401: the API rejected the key" in err and "$OPENAI_API_KEY" in err
     assert "sk-not-the-right" not in err
-    assert not (tmp_path / "out" / "responses").exists()
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
@@ -113,18 +137,18 @@ def test_rerun_after_a_kill_pays_nothing_for_answered_requests(ray_session, simu
          f"llm.base_url={url}", "llm.model=sim-gpt-4", "llm.concurrency=8", "llm.batch_size=16"],
         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    deadline = time.monotonic() + 120
-    while server.stats()["answered"] < 50 and time.monotonic() < deadline and job.poll() is None:
-        time.sleep(0.2)
+    wait_until(lambda: server.stats()["answered"] >= 50 or job.poll() is not None, 120, "50 answers")
     os.killpg(job.pid, signal.SIGKILL)
     job.wait(30)
-    time.sleep(2)  # the killed driver's actors finish dying
+    # The killed driver's actors on this test's Ray die with it; then no answer is in flight.
+    wait_until(lambda: not other_jobs_actors(), 60, "the killed job's actors to die")
     answered_before = server.stats()["answered"]
     cached = len(list((out / "llm_cache").rglob("*.json")))
     assert 50 <= answered_before < 150 and cached >= 40
+    assert not (out / "manifest.json").exists()
 
     manifest = run_chat(chat_config(requests, out, url), log=lambda *_: None)
-    assert manifest["counts"]["ok"] == 150 and manifest["counts"]["cached"] == cached
+    assert manifest["counts"]["written"] == 150 and manifest["llm"]["cached"] == cached
     stats = server.stats()
     # Only requests answered but killed before their reply reached the cache may be asked twice.
     assert stats["repeated_answers"] == answered_before - cached
@@ -142,27 +166,31 @@ def test_output_and_cache_on_s3(ray_session, simulator, s3_server, s3_bucket, tm
     config = lambda: chat_config(f"s3://{s3_bucket}/in/requests.jsonl", f"s3://{s3_bucket}/chat", url)  # noqa: E731
     first = run_chat(config(), log=lambda *_: None)
     second = run_chat(config(), log=lambda *_: None)
-    assert first["counts"] == {"read": 30, "ok": 30, "dead_letter": 0, "cached": 0}
-    assert second["counts"] == {"read": 30, "ok": 30, "dead_letter": 0, "cached": 30}
+    assert first["counts"]["written"] == second["counts"]["written"] == 30
+    assert (first["llm"]["cached"], second["llm"]["cached"]) == (0, 30)
+    assert second["llm"]["prompt_tokens"] == 0 < first["llm"]["prompt_tokens"]  # cached replies cost nothing
     assert server.stats()["answered"] == 30
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="chat/")["Contents"]]
     assert "chat/manifest.json" in keys and sum(k.startswith("chat/llm_cache/") for k in keys) == 30
+    assert "chat/responses/part-00000.parquet" in keys
 
 
-def test_result_files_rotate_and_count_rows_where_they_were_written(tmp_path, monkeypatch):
-    import pyarrow as pa
+def test_shard_files_rotate_and_count_rows_where_they_were_written(tmp_path):
+    from agentflan_ray.chat import RESULT_SCHEMA
+    from agentflan_ray.storage import StorageConfig
+    from agentflan_ray.writing.shards import ShardWriter
 
-    from agentflan_ray.config import StorageConfig
-    from agentflan_ray.llm import run as chat_run
-    from agentflan_ray.llm.stage import RESULT_SCHEMA
-
-    monkeypatch.setattr(chat_run, "ROWS_PER_FILE", 5)
-    writer = chat_run.ResultWriter(str(tmp_path), StorageConfig())
-    for batch in range(3):
-        rows = [{"id": f"{batch}-{i}", "status": "ok", "content": "x", "finish_reason": "stop", "error": "",
-                 "prompt_tokens": 1, "completion_tokens": 1, "attempts": 1, "cached": False} for i in range(4)]
-        writer.write(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA))
+    writer = ShardWriter(str(tmp_path), StorageConfig(), lambda _: RESULT_SCHEMA, row_group_rows=3, rows_per_file=5)
+    for i in range(12):
+        writer.add("responses", {"id": str(i), "status": "ok", "content": "x", "finish_reason": "stop", "error": "",
+                                 "prompt_tokens": 1, "completion_tokens": 1, "_cached": True})
     files = writer.close()
-    assert files == {"responses/part-00000.parquet": 8, "responses/part-00001.parquet": 4}
+    assert files == {"responses/part-00000.parquet": 5, "responses/part-00001.parquet": 5,
+                     "responses/part-00002.parquet": 2}
+    ids = []
     for name, rows in files.items():
         assert pq.read_metadata(tmp_path / name).num_rows == rows
+        table = pq.read_table(tmp_path / name)
+        assert "_cached" not in table.column_names
+        ids += table.column("id").to_pylist()
+    assert ids == [str(i) for i in range(12)]

@@ -1,33 +1,46 @@
+import importlib
 from pathlib import Path
 
 import pytest
 
-from agentflan_ray.config import ChatRunConfig, ConfigError, GenerateConfig, TrainConfig, load_config
+from agentflan_ray.chat import ChatConfig
+from agentflan_ray.cli import JOBS
+from agentflan_ray.config import ConfigError, JobConfig, load_config
+from agentflan_ray.generate import GenerateConfig
+from agentflan_ray.training.train import TrainConfig
 
 REPO = Path(__file__).parent.parent
 SHIPPED = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
 MINIMAL = ['inputs=[{format: sharegpt, path: "x.json"}]']
 
 
-def test_there_are_shipped_configs():
+# Every shipped config and the job that reads it; a new file must be added here.
+JOB_OF = {"demo.yaml": "generate", "chat_demo.yaml": "chat", "train_demo.yaml": "train"}
+
+
+def test_every_shipped_config_is_mapped_to_its_job():
     assert SHIPPED, "jobs/configs/ holds no config"
-
-
-def config_class(path: Path) -> type:
-    if path.name.startswith("train"):
-        return TrainConfig
-    return ChatRunConfig if path.name.startswith("chat") else GenerateConfig
+    assert sorted(p.name for p in SHIPPED) == sorted(JOB_OF), "map each file in jobs/configs/ to its job"
+    assert set(JOB_OF.values()) <= set(JOBS)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    config = load_config(config_class(path), path)
+    job = importlib.import_module(JOBS[JOB_OF[path.name]][0])
+    config = load_config(job.Config, path)
     if isinstance(config, GenerateConfig):
         assert config.inputs and all(spec.source for spec in config.inputs)
     elif isinstance(config, TrainConfig):
         assert config.data and config.model
     else:
         assert (REPO / config.input).exists()
+
+
+def test_one_typed_group_holds_what_every_job_shares():
+    for name, (module, _) in JOBS.items():
+        config_class = importlib.import_module(module).Config
+        assert issubclass(config_class, JobConfig), name
+        assert not {"storage", "ray_address", "progress"} & set(config_class.__annotations__), name
 
 
 @pytest.mark.parametrize(
@@ -41,7 +54,7 @@ def test_every_shipped_config_loads(path):
 )
 def test_bad_llm_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
-        load_config(ChatRunConfig, None, ["input=x.jsonl", override])
+        load_config(ChatConfig, None, ["input=x.jsonl", override])
 
 
 def test_overrides_reach_nested_keys_and_parse_values():

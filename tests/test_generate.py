@@ -12,8 +12,9 @@ import pytest
 from conftest import REPO, demo_overrides
 
 from agentflan_ray.cli import main
-from agentflan_ray.config import GenerateConfig, load_config
-from agentflan_ray.generate import generate
+from agentflan_ray.config import load_config
+from agentflan_ray.generate import GenerateConfig
+from agentflan_ray.generate import run as generate
 
 STREAM_DIRS = {"tflan_cot", "tflan_decomposed", "instruct", "agent_instruct_react", "agent_instruct_tflan",
                "general", "agentflan", "quarantine"}
@@ -33,12 +34,12 @@ def test_demo_data_every_record_accounted_for(ray_session, sample_data, tmp_path
     out = tmp_path / "out"
     manifest = run(demo_overrides(sample_data, out))
     counts = manifest["counts"]
-    assert counts["per_source"]["toolbench"] == {"read": 10, "written": 6, "quarantined": 4}
-    assert counts["per_source"]["agentinstruct"] == {"read": 30, "written": 30, "quarantined": 0}
-    assert counts["per_source"]["sharegpt"] == {"read": 6, "written": 6, "quarantined": 0}
-    assert counts["per_source"]["agentflan"] == {"read": 5, "written": 5, "quarantined": 0}
-    for source in counts["per_source"].values():
-        assert source["read"] == source["written"] + source["quarantined"]
+    none_lost = {"dead_lettered": 0}
+    assert counts["per_source"]["toolbench"] == {"read": 10, "written": 6, "quarantined": 4, **none_lost}
+    assert counts["per_source"]["agentinstruct"] == {"read": 30, "written": 30, "quarantined": 0, **none_lost}
+    assert counts["per_source"]["sharegpt"] == {"read": 6, "written": 6, "quarantined": 0, **none_lost}
+    assert counts["per_source"]["agentflan"] == {"read": 5, "written": 5, "quarantined": 0, **none_lost}
+    assert manifest["job"] == "generate"
     assert counts["per_reason"] == {"toolbench_give_up": 3, "toolbench_invalid_data": 1}
 
     on_disk = {p.parent.name for p in out.rglob("part-*.parquet")}
@@ -113,7 +114,8 @@ def test_reads_from_and_writes_to_s3(ray_session, s3_server, s3_bucket, sample_d
     for path in sample_data.rglob("*.json"):
         s3.upload_file(str(path), s3_bucket, f"in/{path.relative_to(sample_data)}")
     manifest = run([*demo_overrides(f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/run1")])
-    assert manifest["counts"]["per_source"]["toolbench"] == {"read": 10, "written": 6, "quarantined": 4}
+    assert manifest["counts"]["per_source"]["toolbench"] == {"read": 10, "written": 6, "quarantined": 4,
+                                                             "dead_lettered": 0}
     assert manifest["counts"]["read"] == 51
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="run1/")["Contents"]}
     assert "run1/manifest.json" in keys

@@ -133,8 +133,9 @@ def test_attention_inputs_per_implementation():
 def test_gpu_check_dry_run(ray_session, sample_data, tmp_path):
     """`bench/gpu_check.sh --dry-run`: every step of the GPU check on CPU with a tiny model, its
     correctness checks passing, its figures printed, the Ray Train run on this session's Ray."""
-    from agentflan_ray.config import GenerateConfig, load_config
-    from agentflan_ray.generate import generate
+    from agentflan_ray.config import load_config
+    from agentflan_ray.generate import GenerateConfig
+    from agentflan_ray.generate import run as generate
 
     demo = tmp_path / "demo"
     generate(load_config(GenerateConfig, None, demo_overrides(sample_data, demo)), log=lambda *_: None)

@@ -1,12 +1,11 @@
 """The client, budget, cache and simulator in one process (no Ray)."""
 
 import asyncio
-import os
 import time
 
 import pytest
+from conftest import SIM_KEY
 
-from agentflan_ray.config import LLMConfig
 from agentflan_ray.llm.budget import GCRABudget
 from agentflan_ray.llm.cache import ResponseCache, cache_key
 from agentflan_ray.llm.client import (
@@ -17,23 +16,9 @@ from agentflan_ray.llm.client import (
     redact,
     retry_hint,
 )
-from agentflan_ray.llm.simulator import SimulatorConfig, SimulatorServer
+from agentflan_ray.llm.settings import LLMConfig
 
-KEY = "sk-unit-test-key-0123456789"
-
-
-@pytest.fixture
-def simulator():
-    servers = []
-
-    def start(**kwargs):
-        server = SimulatorServer(SimulatorConfig(port=0, latency_s=0.01, api_key=KEY, **kwargs))
-        servers.append(server)
-        return server, server.start()
-
-    yield start
-    for server in servers:
-        server.stop()
+KEY = SIM_KEY
 
 
 @pytest.fixture(autouse=True)
@@ -105,7 +90,7 @@ def test_gcra_tokens_backoff_and_learning():
 
 
 def test_cache_round_trip_and_keys(tmp_path):
-    from agentflan_ray.config import StorageConfig
+    from agentflan_ray.storage import StorageConfig
 
     cache = ResponseCache(str(tmp_path / "cache"), StorageConfig())
     messages = [{"role": "user", "content": "hi"}]
@@ -190,4 +175,4 @@ def test_timeouts_are_retried(simulator):
     c = client(url, timeout_s=0.5, max_attempts=10)
     answers = [ask(c, f"q{i}") for i in range(6)]
     assert all(a.content for a in answers)
-    assert os.environ["OPENAI_API_KEY"] == KEY
+    assert server.stats()["faults"].get("hang", 0) > 0 and max(a.attempts for a in answers) > 1

@@ -15,8 +15,9 @@ import pytest
 import torch
 from conftest import ANSWER, registered_checkpoints, write_tiny_data
 
-from agentflan_ray.config import TrainConfig, load_config
-from agentflan_ray.training.train import run_train
+from agentflan_ray.config import load_config
+from agentflan_ray.training.train import TrainConfig
+from agentflan_ray.training.train import run as run_train
 
 pytestmark = pytest.mark.slow
 

@@ -4,20 +4,20 @@ config, and the tiny model made from generated data (no Ray, CPU)."""
 import json
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import write_samples
 
 from agentflan_ray.aligning.align import align
-from agentflan_ray.config import GenerateConfig, TrainConfig, load_config
+from agentflan_ray.config import load_config
+from agentflan_ray.generate import GenerateConfig
 from agentflan_ray.reading.toolbench import parse_toolbench
-from agentflan_ray.records import SAMPLE_SCHEMA
 from agentflan_ray.training.attention import block_causal_mask
 from agentflan_ray.training.deepspeed_config import build_deepspeed_config, gradient_accumulation
 from agentflan_ray.training.packing import pack, padding_share
 from agentflan_ray.training.tiny_model import make_tiny_model
 from agentflan_ray.training.tokenize import IGNORE, SkipSample, tokenize_sample
+from agentflan_ray.training.train import TrainConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MESSAGES = [
@@ -43,8 +43,7 @@ def tiny(tmp_path_factory):
         except ValueError:
             continue
         rows += [s.to_row() for s in align(trajectory, config)]
-    (root / "data" / "mixed").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), root / "data" / "mixed" / "part-00000.parquet")
+    write_samples(root / "data", {"mixed": rows})
     model_dir = make_tiny_model(str(root / "data"), str(root / "model"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -172,8 +171,8 @@ def test_a_batch_with_no_trainable_sample_keeps_its_counts(tiny):
 def test_prepared_rows_are_numbered_blocks_of_one_micro_batch(ray_session, tiny, tmp_path):
     """Shuffled by a seed, counted, and cut into blocks of micro_batch rows numbered 0..n-1, the
     same on every run."""
-    from agentflan_ray.config import TrainConfig
     from agentflan_ray.training.data import prepare_dataset
+    from agentflan_ray.training.train import TrainConfig
 
     data = Path(tiny[0].name_or_path).parent / "data"
     config = load_config(TrainConfig, None, [f"data={data}", f"model={tiny[0].name_or_path}", "max_seq_len=512",
@@ -196,21 +195,18 @@ def test_packing_depends_on_the_samples_not_on_how_they_are_stored(ray_session, 
     boundaries, which once made every run pack differently and a resumed run see other rows)."""
     import random
 
-    from agentflan_ray.config import TrainConfig
     from agentflan_ray.training.data import prepare_dataset
+    from agentflan_ray.training.train import TrainConfig
 
     rng = random.Random(0)
     rows = [{"id": f"s{i}", "source": "synthetic", "source_id": f"s{i}", "stream": "general", "tools": "[]",
              "messages": [dict(MESSAGES[1], content=f"Question {i}?"),
                           dict(MESSAGES[2], content=" ".join(["word"] * rng.randint(3, 120)))]}
             for i in range(1500)]
-    layouts = {"one_file": [rows], "seven_files": [rows[i::7] for i in range(7)]}
+    layouts = {"one_file": {"general": rows}, "seven_files": {f"s{i}": rows[i::7] for i in range(7)}}
     packed = {}
-    for name, files in layouts.items():
-        (tmp_path / name / "general").mkdir(parents=True)
-        for n, part in enumerate(files):
-            pq.write_table(pa.Table.from_pylist(part, schema=SAMPLE_SCHEMA),
-                           tmp_path / name / "general" / f"part-{n:05d}.parquet")
+    for name, streams in layouts.items():
+        write_samples(tmp_path / name, streams)
         config = load_config(TrainConfig, None, [f"data={tmp_path / name}", f"model={tiny[0].name_or_path}",
                                                  "max_seq_len=256", "num_workers=1", "global_batch=4"])
         dataset, report = prepare_dataset(config)
@@ -238,8 +234,8 @@ def test_flops_per_token_counts_the_model_parameters():
 def test_local_paths_become_absolute_and_a_missing_model_fails_early(tmp_path, monkeypatch):
     """Ray Train workers do not share the driver's working directory; a wrong model path fails
     before any worker starts (not once per worker and retry)."""
-    from agentflan_ray.config import TrainConfig
-    from agentflan_ray.training.train import absolute_paths, run_train
+    from agentflan_ray.training.train import TrainConfig, absolute_paths
+    from agentflan_ray.training.train import run as run_train
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()

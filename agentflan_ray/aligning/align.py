@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from agentflan_ray.aligning.agentinstruct import render_agentinstruct
 from agentflan_ray.aligning.split import pick_share, unit_hash
 from agentflan_ray.aligning.toolbench import (
@@ -10,8 +12,10 @@ from agentflan_ray.aligning.toolbench import (
     render_tflan_cot,
     render_tflan_decomposed,
 )
-from agentflan_ray.config import GenerateConfig
 from agentflan_ray.records import Conversation, EnvTrajectory, Sample, ToolTrajectory
+
+if TYPE_CHECKING:
+    from agentflan_ray.generate import GenerateConfig
 
 TOOLBENCH_RENDERERS = {
     "react": render_react,

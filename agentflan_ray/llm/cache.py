@@ -13,8 +13,7 @@ import os
 import posixpath
 import uuid
 
-from agentflan_ray.config import StorageConfig
-from agentflan_ray.storage import filesystem, is_s3
+from agentflan_ray.storage import StorageConfig, filesystem, is_s3
 
 
 def cache_key(model: str, messages: list[dict], params: dict, prompt_version: str) -> str:

@@ -25,7 +25,7 @@ import openai
 import ray
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from agentflan_ray.config import LLMConfig
+from agentflan_ray.llm.settings import LLMConfig
 
 KEY_LIKE = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-*]{6,}")
 DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?$")
@@ -52,7 +52,15 @@ class FatalLLMError(RuntimeError):
 
 
 class ReplyRejected(Exception):
-    """A reply that failed validation; re-asked up to ``max_reasks`` times."""
+    """A reply still failing validation after ``max_reasks`` re-asks."""
+
+    def __init__(self, message: str, attempts: int = 0, reasks: int = 0):
+        super().__init__(message)
+        self.attempts, self.reasks = attempts, reasks
+
+
+REASK = ("Your reply could not be used: {problem}. Reply again to the request above, following its "
+         "instructions exactly.")
 
 
 @dataclass
@@ -61,8 +69,9 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-    attempts: int = 1
+    attempts: int = 1  # HTTP requests it took, retries and re-asks included
     cached: bool = False
+    reasks: int = 0
 
 
 def resolve_endpoint(config: LLMConfig) -> tuple[str | None, str]:
@@ -152,19 +161,26 @@ class LLMClient:
             params["response_format"] = response_format
         return params
 
-    async def complete(self, messages: list[dict], response_format: dict | None = None) -> Completion:
-        """One validated reply, re-asked up to ``max_reasks`` times; raises on a dead letter or fatal error."""
+    async def complete(self, messages: list[dict], response_format: dict | None = None,
+                       validate: Callable[[Completion], str | None] | None = None) -> Completion:
+        """One reply that passes the default checks (not cut off, not empty, JSON when JSON was asked
+        for) and ``validate`` (a problem text, or None); a failing reply is re-asked, with the problem
+        named, up to ``max_reasks`` times. Raises ``ReplyRejected`` after that, or on a dead letter."""
         wants_json = bool(response_format and response_format.get("type") == "json_object")
-        attempts = 0
-        problem = ""
-        for _ in range(self.config.max_reasks + 1):
-            completion = await self._request(messages, response_format)
+        checks = [c for c in (validate, self.validator) if c is not None]
+        attempts, asked, problem = 0, list(messages), ""
+        for reask in range(self.config.max_reasks + 1):
+            completion = await self._request(asked, response_format)
             attempts += completion.attempts
-            problem = default_validation(completion, wants_json) or (self.validator(completion) if self.validator else None)
+            problem = default_validation(completion, wants_json) or next(
+                (p for p in (check(completion) for check in checks) if p), None)
             if not problem:
-                completion.attempts = attempts
+                completion.attempts, completion.reasks = attempts, reask
                 return completion
-        raise ReplyRejected(f"reply rejected after {self.config.max_reasks} re-asks: {problem}")
+            asked = [*messages, {"role": "assistant", "content": completion.content},
+                     {"role": "user", "content": REASK.format(problem=problem)}]
+        raise ReplyRejected(f"reply rejected after {self.config.max_reasks} re-asks: {problem}", attempts,
+                            self.config.max_reasks)
 
     async def _request(self, messages: list[dict], response_format: dict | None) -> Completion:
         estimate = sum(len(str(m.get("content") or "")) for m in messages) // 4 + self.config.max_tokens

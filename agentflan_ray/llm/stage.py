@@ -1,121 +1,160 @@
-"""Ray Data's side of LLM calls: an async callable class for ``map_batches`` with many requests in
-flight per actor, the shared budget, the cache, and a result row per input row (answer or dead
-letter, never neither, never both)."""
+"""One LLM stage for every job: an async callable class for ``map_batches`` on an actor pool.
+
+The stage owns what every LLM job needs — the client (retries, the cluster-wide budget), the response
+cache, re-asks of replies that fail validation, dead letters, usage counts — and takes the job's own
+logic as a task object with two methods:
+
+    async rows(row, complete) -> list[dict]   the output rows of one input row; ``complete(messages,
+                                              response_format=None, validate=None)`` is one validated
+                                              reply (cached, re-asked, budgeted)
+    failed(row, outcome, reason, detail) -> dict
+                                              the row written when an input row is quarantined or
+                                              dead-lettered
+
+So chat, rewrite, negatives and eval differ only in their task and prompts. What happens to an
+input row is decided here, once:
+
+    rows() returns rows             written (at least one row; none is a dead letter ``no_output``)
+    rows() raises BadInput          quarantined with the reason the task gives
+    a reply still invalid after ``llm.max_reasks`` re-asks (``InvalidReply``), the task not catching it,
+    or a request that failed for good (retries exhausted, HTTP 400)
+                                    dead-lettered with the reason
+    FatalLLMError (bad key, unknown model)   stops the job
+
+Every output row carries bookkeeping columns (names starting with ``_``, never written): ``_first``
+marks the first row of its input row, ``_outcome`` / ``_reason`` say what happened to that input
+row, and ``_requests``, ``_cached``, ``_reasks``, ``_prompt_tokens``, ``_completion_tokens`` its usage
+(on the first row; tokens only of requests made by this run), so the driver can account for every
+input row and every token paid for.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
+import functools
+from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 
-from agentflan_ray.config import LLMConfig, StorageConfig
 from agentflan_ray.llm.cache import ResponseCache, cache_key
-from agentflan_ray.llm.client import FatalLLMError, LLMClient, Secret
+from agentflan_ray.llm.client import Completion, FatalLLMError, LLMClient, ReplyRejected, Secret
+from agentflan_ray.llm.settings import LLMConfig
+from agentflan_ray.storage import StorageConfig
 
-RESULT_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("status", pa.string()),  # ok | dead_letter
-        ("content", pa.string()),
-        ("finish_reason", pa.string()),
-        ("error", pa.string()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("attempts", pa.int64()),
-        ("cached", pa.bool_()),
-    ]
-)
+USAGE = ("_requests", "_cached", "_reasks", "_prompt_tokens", "_completion_tokens")
+BOOKKEEPING = pa.schema([("_first", pa.bool_()), ("_outcome", pa.string()), ("_reason", pa.string()),
+                         *[(name, pa.int64()) for name in USAGE]])
 
 
-class ChatStage:
-    """``map_batches(ChatStage, fn_constructor_kwargs=..., batch_format="numpy")``: rows whose
-    ``request`` (or ``text``, one JSONL line) column is the JSON text ``{id, messages, response_format?}``
-    in, ``RESULT_SCHEMA`` rows out."""
+class BadInput(ValueError):
+    """An input row the task cannot use: quarantined with ``reason``."""
 
-    def __init__(self, llm: LLMConfig, cache_uri: str, storage: StorageConfig, budget=None, api_key: Secret | None = None):
-        self.llm, self.cache_uri, self.storage, self.budget = llm, cache_uri, storage, budget
-        self.api_key = api_key
-        self.client = None
-        self.cache = None
-        self.semaphore = None
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+InvalidReply = ReplyRejected  # a reply still failing validation after the re-asks
+
+
+@dataclass
+class Usage:
+    requests: int = 0
+    cached: int = 0
+    reasks: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def columns(self) -> dict:
+        return dict(zip(USAGE, (self.requests, self.cached, self.reasks, self.prompt_tokens,
+                                self.completion_tokens), strict=True))
+
+
+class LLMStage:
+    """``map_batches(LLMStage, fn_constructor_kwargs={"task": ..., "schema": ..., "llm": ..., ...},
+    batch_format="pyarrow")``: input rows in, the task's rows (``schema``) plus bookkeeping out."""
+
+    def __init__(self, task, schema: pa.Schema, llm: LLMConfig, storage: StorageConfig, cache_uri: str = "",
+                 budget=None, api_key: Secret | None = None):
+        self.task, self.schema, self.llm, self.storage = task, schema, llm, storage
+        self.cache_uri, self.budget, self.api_key = cache_uri, budget, api_key
+        self.client = self.cache = self.semaphore = None
 
     def _setup(self) -> None:
         self.client = LLMClient(self.llm, self.budget, api_key=self.api_key)
         self.cache = ResponseCache(self.cache_uri, self.storage) if self.llm.cache and self.cache_uri else None
         self.semaphore = asyncio.Semaphore(self.llm.concurrency)
 
-    async def __call__(self, batch: dict) -> dict:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
         if self.client is None:
             self._setup()
-        column = batch["request"] if "request" in batch else batch["text"]  # Parquet or JSONL lines
-        requests = [parse_request(text) for text in column.tolist()]
-        rows = await asyncio.gather(*(self._one(*request) for request in requests))
-        return {name: np.array([row[name] for row in rows], dtype=object) for name in RESULT_SCHEMA.names}
+        results = await asyncio.gather(*(self._one(row) for row in batch.to_pylist()))
+        rows = [row for result in results for row in result]
+        return pa.Table.from_pylist(rows, schema=pa.unify_schemas([self.schema, BOOKKEEPING]))
 
-    async def _one(self, row_id: str, messages, response_format) -> dict:
-        if isinstance(messages, str):
-            return _dead(row_id, messages)
+    async def _one(self, row: dict) -> list[dict]:
+        usage = Usage()
+        complete = functools.partial(self.complete, usage)
+        outcome, reason = "written", ""
+        try:
+            out = await self.task.rows(row, complete)
+            if not out:
+                outcome, reason = "dead_lettered", "no_output"
+                out = [self.task.failed(row, outcome, reason, "the task produced no row")]
+        except FatalLLMError:
+            raise
+        except BadInput as exc:
+            outcome, reason = "quarantined", exc.reason
+            out = [self.task.failed(row, outcome, exc.reason, exc.detail)]
+        except InvalidReply as exc:
+            outcome, reason = "dead_lettered", "invalid_reply"
+            out = [self.task.failed(row, outcome, reason, str(exc))]
+        except Exception as exc:  # noqa: BLE001 - one failed row never stops the job
+            outcome, reason = "dead_lettered", failure_reason(exc)
+            detail = self.client.describe_error(exc)
+            out = [self.task.failed(row, outcome, reason, detail)]
+        first = {"_first": True, "_outcome": outcome, "_reason": reason, **usage.columns()}
+        rest = {"_first": False, "_outcome": outcome, "_reason": reason, **dict.fromkeys(USAGE, 0)}
+        return [{**r, **(first if i == 0 else rest)} for i, r in enumerate(out)]
+
+    async def complete(self, usage: Usage, messages: list[dict], response_format: dict | None = None,
+                       validate=None) -> Completion:
+        """One reply that passed validation: from the cache, or asked (and re-asked) under the budget."""
         key = cache_key(self.client.model, messages, self.client.params(response_format), self.llm.prompt_version)
         if self.cache is not None:
             hit = await asyncio.to_thread(self.cache.get, key)
             if hit is not None:
-                return {**hit, "id": row_id, "attempts": 0, "cached": True}
+                completion = Completion(hit["content"], hit["finish_reason"], hit["prompt_tokens"],
+                                        hit["completion_tokens"], attempts=0, cached=True)
+                if not (validate and validate(completion)):  # a validator may have grown stricter
+                    usage.cached += 1  # paid for by an earlier run: no tokens counted
+                    return completion
         async with self.semaphore:
             try:
-                completion = await self.client.complete(messages, response_format)
-            except FatalLLMError:
+                completion = await self.client.complete(messages, response_format, validate=validate)
+            except ReplyRejected as exc:
+                usage.requests += exc.attempts
+                usage.reasks += exc.reasks
                 raise
-            except Exception as exc:  # noqa: BLE001 - any request failure becomes a dead letter
-                return _dead(row_id, self.client.describe_error(exc))
-        row = {"id": row_id, "status": "ok", "content": completion.content, "finish_reason": completion.finish_reason,
-               "error": "", "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-               "attempts": completion.attempts, "cached": False}
+        usage.requests += completion.attempts
+        usage.reasks += completion.reasks
+        usage.prompt_tokens += completion.prompt_tokens
+        usage.completion_tokens += completion.completion_tokens
         if self.cache is not None:
-            await asyncio.to_thread(self.cache.put, key, {k: v for k, v in row.items() if k not in ("id", "attempts", "cached")})
-        return row
+            value = {"content": completion.content, "finish_reason": completion.finish_reason,
+                     "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens}
+            await asyncio.to_thread(self.cache.put, key, value)
+        return completion
 
 
-def _dead(row_id: str, error: str) -> dict:
-    return {"id": row_id, "status": "dead_letter", "content": "", "finish_reason": "", "error": error,
-            "prompt_tokens": 0, "completion_tokens": 0, "attempts": 0, "cached": False}
+def failure_reason(exc: BaseException) -> str:
+    """A short machine-readable dead-letter reason for a request that failed for good."""
+    status = getattr(exc, "status_code", None)
+    if status:
+        return f"http_{status}"
+    name = type(exc).__name__
+    return {"APITimeoutError": "timeout", "APIConnectionError": "connection_error"}.get(name, "request_failed")
 
 
-def parse_request(text: str) -> tuple[str, list | str, dict | None]:
-    """``(id, messages or an error text, response_format)`` of one JSON request line."""
-    try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        return f"line-{hashlib.sha1(str(text).encode()).hexdigest()[:12]}", "request: not valid JSON", None
-    if not isinstance(value, dict):
-        return f"line-{hashlib.sha1(str(text).encode()).hexdigest()[:12]}", "request: not a JSON object", None
-    row_id = value.get("id")
-    if not isinstance(row_id, str | int) or isinstance(row_id, bool) or str(row_id) == "":
-        return f"line-{hashlib.sha1(text.encode()).hexdigest()[:12]}", "request: missing id", None
-    return str(row_id), _messages(value.get("messages")), _format(value.get("response_format"))
-
-
-def _messages(value):
-    """The request's messages, or an error text when they are unusable (the row is dead-lettered)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return "messages: not valid JSON"
-    if not isinstance(value, list) or not value:
-        return "messages: expected a non-empty list"
-    for message in value:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-            return "messages: each message needs a role and a string content"
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
-def _format(value):
-    if isinstance(value, str) and value:
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return None
-    return value if isinstance(value, dict) and value else None
+def strip_bookkeeping(table: pa.Table) -> pa.Table:
+    return table.select([name for name in table.column_names if not name.startswith("_")])

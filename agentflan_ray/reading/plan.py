@@ -9,9 +9,12 @@ same input and config always produce the same file names.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from agentflan_ray.config import GenerateConfig
 from agentflan_ray.storage import expand
+
+if TYPE_CHECKING:
+    from agentflan_ray.generate import GenerateConfig
 
 
 @dataclass

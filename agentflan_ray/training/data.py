@@ -28,16 +28,19 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import ray
 
-from agentflan_ray.config import TrainConfig
 from agentflan_ray.storage import filesystem
 from agentflan_ray.training.packing import PackedRow, pack
 from agentflan_ray.training.tokenize import SkipSample, tokenize_sample
-from agentflan_ray.writing.shards import sample_shards
+from agentflan_ray.writing.manifest import sample_shards
+
+if TYPE_CHECKING:
+    from agentflan_ray.training.train import TrainConfig
 
 PACK_GROUP = 512  # samples packed together (first-fit decreasing within each group)
 

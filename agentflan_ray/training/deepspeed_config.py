@@ -12,7 +12,11 @@ than PyTorch's AdamW on CPU and needs only a C++ compiler), ``torch`` otherwise.
 
 from __future__ import annotations
 
-from agentflan_ray.config import TrainConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agentflan_ray.training.train import TrainConfig
+
 
 
 def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int) -> int:

@@ -20,10 +20,13 @@ import importlib.util
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from agentflan_ray.config import TrainConfig
 from agentflan_ray.training.attention import attention_inputs, select_attention
 from agentflan_ray.training.deepspeed_config import build_deepspeed_config
+
+if TYPE_CHECKING:
+    from agentflan_ray.training.train import TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import time
 
 import ray.train
 
-from agentflan_ray.config import TrainConfig, build
+from agentflan_ray.config import build
 from agentflan_ray.storage import filesystem
 from agentflan_ray.training.checkpoints import (
     final_metrics_location,
@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 def train_loop_per_worker(loop_config: dict) -> None:
     import torch
+
+    from agentflan_ray.training.train import TrainConfig
 
     config = build(TrainConfig, loop_config["config"], "")
     total_steps, steps_per_epoch = loop_config["total_steps"], loop_config["steps_per_epoch"]
@@ -122,7 +124,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         board.close()
 
 
-def tensorboard(config: TrainConfig, loop_config: dict) -> TensorBoard | None:
+def tensorboard(config, loop_config: dict) -> TensorBoard | None:
     try:
         fs, root = filesystem(config.storage_path, config.storage)
         board = TensorBoard(f"{root.rstrip('/')}/{config.run_name}/tensorboard", fs)

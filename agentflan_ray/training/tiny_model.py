@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from agentflan_ray.config import StorageConfig
-from agentflan_ray.storage import filesystem
-from agentflan_ray.writing.shards import sample_shards
+from agentflan_ray.storage import StorageConfig, filesystem
+from agentflan_ray.writing.manifest import sample_shards
 
 SPECIAL = ["<s>", "</s>", "<pad>", "<unk>", "<|Human|>", "<|Assistant|>", "\u0d46", "\u0d3f"]
 # Each turn ends with </s>: the end marker the assistant learns to emit.

@@ -2,7 +2,7 @@
 
     agentflan-ray train --config jobs/configs/train_demo.yaml data=./out/demo model=./tiny max_steps=20
 
-Driver: prepare_dataset (tokenize + pack in Ray Data) -> TorchTrainer(loop.train_loop_per_worker)
+Driver: preflight (model, the data's manifest) -> prepare_dataset (tokenize + pack in Ray Data) -> TorchTrainer(loop.train_loop_per_worker)
 -> export. Ray Train restarts the worker group from the latest checkpoint when a worker dies
 (``max_failures``), and with ``num_workers: [min, max]`` it resizes the group as nodes come and go.
 
@@ -16,22 +16,119 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from agentflan_ray.config import TrainConfig
+from agentflan_ray.config import ConfigError, JobConfig, require_at_least
 from agentflan_ray.storage import filesystem, is_s3
 from agentflan_ray.training.checkpoints import final_metrics_location, read_final_metrics
 from agentflan_ray.training.data import prepare_dataset
 from agentflan_ray.training.loop import train_loop_per_worker
+from agentflan_ray.writing.manifest import sample_shards
 
 
-def run_train(config: TrainConfig, log=print) -> dict:
-    from ray.data import ExecutionOptions
+@dataclass
+class TrainConfig(JobConfig):
+    """The `train` job: DeepSpeed SFT over generated shards with Ray Train."""
+
+    data: str = ""  # a generate output directory (local or s3://)
+    model: str = ""  # a Hugging Face model directory or hub name
+    template: Literal["chat_template", "agentflan", "llama2"] = "chat_template"
+    max_seq_len: int = 2048
+    overlong: Literal["truncate", "drop"] = "truncate"
+    # A number, or [min, max] for an elastic run: Ray Train starts with as many workers as the
+    # cluster has room for (at least min) and resizes when nodes come or go; the global batch holds.
+    num_workers: int | list[int] = 2
+    elastic_resize_interval_s: float = 60.0
+    use_gpu: bool = False
+    # auto: on GPU FlashAttention-2 variable-length attention when flash-attn is installed, else
+    # PyTorch's FlexAttention with a per-sample block mask; on CPU sdpa with the exact mask.
+    attention: Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"] = "auto"
+    # auto: Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on GPU
+    # workers that have liger-kernel installed; liger: required; none: the model's own modules.
+    fused_kernels: Literal["auto", "liger", "none"] = "auto"
+    # AdamW implementation: auto, torch (fused CUDA kernel on GPU), deepspeed (JIT-built ops).
+    optimizer: Literal["auto", "torch", "deepspeed"] = "auto"
+    # Logical CPUs per training worker; below 1 on small CPU machines leaves room for Ray Data.
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    gradient_checkpointing: bool = False
+    global_batch: int = 8  # packed sequences per optimizer step
+    micro_batch: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    gradient_clipping: float = 1.0
+    warmup_ratio: float = 0.03
+    epochs: int = 3
+    max_steps: int = 0  # 0: epochs decide
+    log_every: int = 1  # steps between TensorBoard points
+    # Seconds between metric reports to Ray Train (each is a barrier; checkpoints always report).
+    report_interval_s: float = 10.0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    # false: no checkpoint at the last step unless checkpoint_every falls on it (throughput trials)
+    checkpoint_at_end: bool = True
+    # Peak FLOP/s per worker for the MFU figure; 0: looked up from the GPU's name (none on CPU).
+    peak_flops_per_worker: float = 0.0
+    max_failures: int = 2
+    storage_path: str = "./out/checkpoints"
+    run_name: str = "agentflan-sft"
+    export_dir: str = ""
+    seed: int = 0
+
+    def validate(self, key: str = "") -> None:
+        if not self.data:
+            raise ConfigError("data: required (a generate output directory)")
+        if not self.model:
+            raise ConfigError("model: required (a model directory, e.g. from make-tiny-model)")
+        if self.zero_stage not in (2, 3):
+            raise ConfigError(f"zero_stage: must be 2 or 3, got {self.zero_stage}")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("offload_params: needs zero_stage=3 (ZeRO-2 keeps the parameters on the GPU)")
+        if self.export_dir and not self.checkpoint_at_end:
+            raise ConfigError("checkpoint_at_end: must be true with export_dir (the export is made from it)")
+        require_at_least(self, key, ("max_seq_len", "global_batch", "micro_batch", "epochs",
+                                     "log_every", "checkpoint_every", "keep_checkpoints"), 1)
+        if isinstance(self.num_workers, list) and (len(self.num_workers) != 2 or self.num_workers[0] > self.num_workers[1]):
+            raise ConfigError(f"num_workers: a number or [min, max] with min <= max, got {self.num_workers}")
+        if self.min_workers < 1:
+            raise ConfigError(f"num_workers: must be at least 1, got {self.num_workers}")
+        uneven = [n for n in range(self.min_workers, self.max_workers + 1) if self.global_batch % (self.micro_batch * n)]
+        if uneven:
+            raise ConfigError(f"global_batch: {self.global_batch} is not a multiple of micro_batch x workers for "
+                              f"{uneven} workers (micro_batch={self.micro_batch}); the global batch must hold at "
+                              f"every size num_workers allows")
+
+    @property
+    def block_rows(self) -> int:
+        """Rows per dataset block: the largest size that divides every worker's share of a step
+        (global_batch / n) at every allowed world size n, so steps never split a block."""
+        return math.gcd(*(self.global_batch // n for n in range(self.min_workers, self.max_workers + 1)))
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+
+Config = TrainConfig
+NAME = "train"
+
+
+def preflight(config: TrainConfig) -> TrainConfig:
+    """On the driver, before Ray starts: local paths made absolute, the model loadable, and the data a
+    finished generate output (its manifest lists the shards; a half-written output stops here)."""
     from transformers import AutoConfig
 
     config = absolute_paths(config)
@@ -39,6 +136,15 @@ def run_train(config: TrainConfig, log=print) -> dict:
         AutoConfig.from_pretrained(config.model)
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"model: cannot load {config.model!r}: {exc}") from None
+    sample_shards(config.data, config.storage)
+    return config
+
+
+def run(config: TrainConfig, log=print, prepared: TrainConfig | None = None) -> dict:
+    """Train on the connected Ray cluster; the summary: data report, steps, final metrics, checkpoint."""
+    from ray.data import ExecutionOptions
+
+    config = prepared or preflight(config)
     dataset, report = prepare_dataset(config)
     log(f"[train] {report['samples']} samples -> {report['rows']} packed rows of {config.max_seq_len} tokens "
         f"(padding {report['padding_share']:.1%}); truncated to max_seq_len: {report['truncated']}; "
@@ -80,7 +186,12 @@ def run_train(config: TrainConfig, log=print) -> dict:
         f"resumed at step {m.get('resumed_from')}), loss {m.get('loss', math.nan):.4f}, "
         f"{m.get('avg_tokens_per_s', 0):,.0f} tokens/s; checkpoint {summary['checkpoint']}"
         + (f"; model exported to {summary['export_dir']}" if "export_dir" in summary else ""))
+    log("[train] summary " + json.dumps(summary, default=str))
     return summary
+
+
+def succeeded(summary: dict) -> bool:
+    return summary["metrics"].get("step") == summary["steps"]
 
 
 def absolute_paths(config: TrainConfig) -> TrainConfig:

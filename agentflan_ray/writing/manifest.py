@@ -1,4 +1,13 @@
-"""The manifest: written last, it is what makes an output directory complete and auditable."""
+"""The manifest: written last, it is what makes a job's output complete, auditable and consumable.
+
+    start_output      a rerun first removes the old manifest: from then on the output is incomplete
+    ... the job writes its shards (writing/shards.py) ...
+    finish_output     removes the parts of the job's own folders that this run did not write, then
+                      writes ``manifest.json``: the job, its counts (every input row accounted for),
+                      every file it wrote with its rows, the resolved config and the versions
+    read_manifest     what a consuming job calls: no manifest, or another job's, is a clear error
+    listed_files      exactly the files the manifest lists (a stray part beside them is ignored)
+"""
 
 from __future__ import annotations
 
@@ -11,11 +20,17 @@ from importlib import metadata
 import pyarrow.fs as pafs
 
 from agentflan_ray.config import config_hash, config_to_dict
-from agentflan_ray.storage import filesystem
+from agentflan_ray.storage import StorageConfig, filesystem, fs_path, join
+from agentflan_ray.writing.shards import QUARANTINE, remove_stale_parts
 
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 2
 PACKAGES = ("agentflan-ray", "ray", "pyarrow", "torch", "transformers", "deepspeed", "openai")
-PART = re.compile(r"^part-\d+\.parquet$")
 USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+class IncompleteOutput(FileNotFoundError):
+    """A job's output without its manifest: interrupted, still being written, or not that job's."""
 
 
 def package_versions() -> dict[str, str]:
@@ -34,70 +49,94 @@ def redacted_config(config) -> dict:
     return json.loads(USERINFO.sub("", text))
 
 
-def build_manifest(config, tally) -> dict:
-    per_source = {source: {k: counts.get(k, 0) for k in ("read", "written", "quarantined")}
-                  for source, counts in sorted(tally.records.items())}
-    per_reason: dict[str, int] = {}
-    for counts in tally.reasons.values():
-        for reason, n in counts.items():
-            per_reason[reason] = per_reason.get(reason, 0) + n
-    total = {k: sum(c[k] for c in per_source.values()) for k in ("read", "written", "quarantined")}
+def build_manifest(job: str, config, tally, **sections) -> dict:
+    """The manifest of a run: ``config`` is the job's config dataclass (None for outputs written by
+    tools), ``tally`` its accounting (writing/accounting.py), ``sections`` the job's own figures."""
     return {
-        "format_version": 1,
-        "counts": {
-            **total,
-            "per_source": per_source,
-            "per_reason": dict(sorted(per_reason.items())),
-            "per_source_reason": {s: dict(sorted(c.items())) for s, c in sorted(tally.reasons.items())},
-        },
-        "samples": {"total": sum(tally.samples.values()), "per_stream": dict(sorted(tally.samples.items()))},
-        "trained_tokens": {
-            "estimate": "characters / 4 of assistant turns with loss",
-            "balance_ratios": config.balance.resolved(),
-            "before_balancing": dict(sorted(tally.tokens_before.items())),
-            "after_balancing": dict(sorted(tally.tokens_after.items())),
-        },
-        "notes": dict(sorted(tally.notes.items())),
+        "format_version": FORMAT_VERSION,
+        "job": job,
+        "counts": tally.counts(),
+        **sections,
         "files": [{"path": p, "rows": n} for p, n in sorted(tally.files.items())],
-        "config": redacted_config(config),
-        "config_hash": config_hash(config),
+        "config": redacted_config(config) if config is not None else None,
+        "config_hash": config_hash(config) if config is not None else None,
         "versions": package_versions(),
     }
 
 
-def remove_stale_shards(config, keep: set[str]) -> list[str]:
-    """Delete ``part-*.parquet`` files under the output that this run did not write."""
-    fs, root = filesystem(config.output, config.storage)
-    selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
-    removed = []
-    for info in fs.get_file_info(selector):
-        if info.type != pafs.FileType.File:
-            continue
-        relative = posixpath.relpath(info.path.replace("\\", "/"), root.replace("\\", "/"))
-        if "/" not in relative or not PART.match(posixpath.basename(relative)):
-            continue
-        if relative not in keep:
-            fs.delete_file(info.path)
-            removed.append(relative)
-    return removed
-
-
-def remove_manifest(config) -> None:
-    """An output without a manifest is incomplete: drop the old one before rewriting shards."""
-    fs, root = filesystem(config.output, config.storage)
-    path = posixpath.join(root, "manifest.json")
+def start_output(root: str, storage: StorageConfig) -> None:
+    """An output without a manifest is incomplete: drop the old one before rewriting anything."""
+    fs, base = filesystem(root, storage)
+    path = posixpath.join(base, MANIFEST)
     if fs.get_file_info(path).type == pafs.FileType.File:
         fs.delete_file(path)
 
 
-def write_manifest(config, manifest: dict) -> None:
-    fs, root = filesystem(config.output, config.storage)
-    fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(posixpath.join(root, "manifest.json")) as out:
-        out.write(json.dumps(manifest, indent=2, sort_keys=False, ensure_ascii=False).encode() + b"\n")
+def finish_output(root: str, storage: StorageConfig, folders, manifest: dict) -> list[str]:
+    """Remove the stale parts of this job's folders, then write the manifest; the removed paths."""
+    written = {entry["path"] for entry in manifest["files"]}
+    removed = remove_stale_parts(root, storage, folders, written)
+    fs, base = filesystem(root, storage)
+    fs.create_dir(base, recursive=True)
+    with fs.open_output_stream(posixpath.join(base, MANIFEST)) as out:
+        out.write(json.dumps(manifest, indent=2, ensure_ascii=False).encode() + b"\n")
+    return removed
 
 
-def read_manifest(output: str, storage) -> dict:
-    fs, root = filesystem(output, storage)
-    with fs.open_input_stream(posixpath.join(root, "manifest.json")) as f:
-        return json.loads(f.read())
+def read_manifest(root: str, storage: StorageConfig, job: str | None = None) -> dict:
+    """The manifest of a finished output of ``job``; ``IncompleteOutput`` naming what is missing."""
+    fs, base = filesystem(root, storage)
+    path = posixpath.join(base, MANIFEST)
+    what = f"`{job}` output" if job else "job output"
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        exists = fs.get_file_info(base).type == pafs.FileType.Directory
+        why = ("the job that writes it did not finish (it writes its manifest last), or is still running; "
+               "rerun it" if exists else "nothing is there")
+        raise IncompleteOutput(f"{join(root, MANIFEST)} not found: {root} is not a finished {what}: {why}")
+    with fs.open_input_stream(path) as f:
+        manifest = json.loads(f.read())
+    found = manifest.get("job", "generate")  # format 1 manifests came from generate only
+    if job and found != job:
+        raise IncompleteOutput(f"{root} is a `{found}` output, not a {what}")
+    return manifest
+
+
+def listed_files(root: str, manifest: dict, exclude_folders: tuple[str, ...] = ()) -> list[str]:
+    """Full paths (as ``filesystem`` understands them) of the files the manifest lists, in order."""
+    base = fs_path(root)
+    paths = []
+    for entry in manifest["files"]:
+        if entry["path"].split("/", 1)[0] not in exclude_folders:
+            paths.append(posixpath.join(base, entry["path"]))
+    return paths
+
+
+def sample_shards(output: str, storage: StorageConfig) -> list[str]:
+    """The sample shards a finished `generate` output lists (quarantine excluded), in its order."""
+    paths = listed_files(output, read_manifest(output, storage, "generate"), exclude_folders=(QUARANTINE,))
+    if not paths:
+        raise FileNotFoundError(f"{output}: its manifest lists no sample shards (every record was quarantined?)")
+    return paths
+
+
+def write_output(root: str, storage: StorageConfig, job: str, rows: dict[str, list[dict]], schema,
+                 source: str = "rows", folders=None) -> dict:
+    """A complete job output from rows held in memory (``{folder: rows}``; tests, benchmarks, small
+    tools): deterministic shards, then the manifest, as the job itself would leave it."""
+    from agentflan_ray.writing.accounting import Tally
+    from agentflan_ray.writing.shards import ShardWriter
+
+    start_output(root, storage)
+    writer = ShardWriter(root, storage, schema)
+    tally = Tally()
+    for folder, folder_rows in rows.items():
+        for row in folder_rows:
+            writer.add(folder, row)
+            tally.read(source)
+            tally.outcome(source, "quarantined" if folder == QUARANTINE else "written",
+                          row.get("reason", "") if folder == QUARANTINE else "")
+    tally.files = writer.close()
+    manifest = build_manifest(job, None, tally)
+    finish_output(root, storage, folders if folders is not None else rows.keys(), manifest)
+    return manifest
