@@ -26,9 +26,9 @@ import sys
 from agentflan_ray.config import ConfigError, build, load_data
 
 JOBS = {
-    "generate": ("agentflan_ray.generate", "turn agent trajectories into Agent-FLAN sample shards"),
-    "chat": ("agentflan_ray.chat", "answer a file of chat requests through the rate-limited, cached client"),
-    "train": ("agentflan_ray.training.train", "DeepSpeed SFT over generated shards with Ray Train"),
+    "generate": ("agentflan_ray.jobs.generate", "turn agent trajectories into Agent-FLAN sample shards"),
+    "chat": ("agentflan_ray.jobs.chat", "answer a file of chat requests through the rate-limited, cached client"),
+    "train": ("agentflan_ray.jobs.train", "DeepSpeed SFT over generated shards with Ray Train"),
 }
 
 

@@ -158,9 +158,9 @@ def correctness(args) -> None:
     from transformers import AutoModelForCausalLM
 
     from agentflan_ray.config import load_config
+    from agentflan_ray.jobs.train import TrainConfig
     from agentflan_ray.training.attention import attention_inputs, block_causal_mask, document_mask_mod
     from agentflan_ray.training.engine import liger_installed, select_fused_kernels
-    from agentflan_ray.training.train import TrainConfig
 
     work, device = Path(args.work), args.device
     shape = "tiny" if args.dry_run else "small"
@@ -286,7 +286,7 @@ def correctness(args) -> None:
 
 def train_config(args, model_dir: Path, micro: int, fused: str, extra: list[str] = ()):
     from agentflan_ray.config import load_config
-    from agentflan_ray.training.train import TrainConfig
+    from agentflan_ray.jobs.train import TrainConfig
 
     work = Path(args.work)
     return load_config(TrainConfig, None, [
@@ -485,7 +485,7 @@ def kernel_kind(name: str) -> str:
 def through_ray(args) -> None:
     import ray
 
-    from agentflan_ray.training.train import run as run_train
+    from agentflan_ray.jobs.train import run as run_train
 
     cuda = args.device == "cuda"
     address = os.environ.get("RAY_ADDRESS")

@@ -80,9 +80,9 @@ async def plain_client(base_url: str, requests: int, concurrency: int) -> tuple[
 
 
 def ray_client(base_url: str, args, workdir: Path) -> tuple[int, int]:
-    from agentflan_ray.chat import ChatConfig
-    from agentflan_ray.chat import run as run_chat
     from agentflan_ray.config import load_config
+    from agentflan_ray.jobs.chat import ChatConfig
+    from agentflan_ray.jobs.chat import run as run_chat
 
     requests = workdir / "requests.jsonl"
     with open(requests, "w") as f:

@@ -8,6 +8,11 @@ The ten real ToolBench answer trees in tests/fixtures are replicated with new id
 (one tree per line, ~58 KB each, as in the released data), then the real `generate` job runs over
 them on a local Ray with the machine's CPUs. Prints one JSON line: records, seconds,
 records_per_s, peak_rss_mb (driver + every Ray process, sampled every 0.2 s), and the counts.
+
+Absolute speeds differ between machines of one kind, so the same run also times a bare pass over
+the same files with as many processes as Ray has CPUs, that only reads each line and ``json.loads``
+it (the floor of any reader), and reports ``ratio_to_bare`` = generate's records/s over the bare
+pass's. The files are read once before either is timed, so both find them in the page cache.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
+import os
 import shutil
 import tempfile
 import threading
@@ -62,6 +69,24 @@ class PeakMemory:
             time.sleep(0.2)
 
 
+def load_lines(path: str) -> int:
+    count = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                json.loads(line)
+                count += 1
+    return count
+
+
+def bare_pass(paths: list[str], processes: int) -> tuple[int, float]:
+    """Records and seconds to read and json.loads every line, ``processes`` files at a time."""
+    started = time.monotonic()
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        records = sum(pool.map(load_lines, paths, chunksize=1))
+    return records, time.monotonic() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=100_000)
@@ -74,8 +99,12 @@ def main() -> None:
     import ray
 
     from agentflan_ray.config import load_config
-    from agentflan_ray.generate import GenerateConfig
-    from agentflan_ray.generate import run as generate
+    from agentflan_ray.jobs import generate as job
+
+    # Also runs against a checkout from before the job-shape change (config in config.py, generate()),
+    # to compare the two on one machine: PYTHONPATH=<old checkout> python bench/template_throughput.py
+    GenerateConfig = getattr(job, "GenerateConfig", None) or __import__("agentflan_ray.config").config.GenerateConfig
+    generate = getattr(job, "run", None) or job.generate
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="afr-bench-"))
     data, out = workdir / "input", workdir / "out"
@@ -86,7 +115,14 @@ def main() -> None:
         f'inputs=[{{format: toolbench, path: "{data}/*.jsonl"}}]', f"output={out}",
         f"task_bytes={args.task_bytes}", "progress=false",
     ])
-    ray.init(logging_level="WARNING", include_dashboard=False)
+    paths = sorted(str(p) for p in data.glob("*.jsonl"))
+    for path in paths:  # into the page cache before anything is timed
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    cpus = os.cpu_count()
+    bare_records, bare_seconds = bare_pass(paths, cpus)
+    ray.init(num_cpus=cpus, logging_level="WARNING", include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     memory = PeakMemory()
     memory.thread.start()
@@ -101,6 +137,8 @@ def main() -> None:
         "records": counts["read"], "written": counts["written"], "quarantined": counts["quarantined"],
         "input_mb": round(input_bytes / 2**20), "seconds": round(seconds, 1),
         "records_per_s": round(counts["read"] / seconds), "peak_rss_mb": round(memory.peak / 2**20),
+        "bare_records_per_s": round(bare_records / bare_seconds),
+        "ratio_to_bare": round(counts["read"] / seconds / (bare_records / bare_seconds), 3),
         "cpus": psutil.cpu_count(), "samples": manifest["samples"]["per_stream"],
     }))
     if not args.workdir:

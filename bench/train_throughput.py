@@ -107,10 +107,10 @@ def overhead(args) -> None:
     import ray
 
     from agentflan_ray.config import load_config
+    from agentflan_ray.jobs.train import TrainConfig
+    from agentflan_ray.jobs.train import run as run_train
     from agentflan_ray.training.data import prepare_dataset
     from agentflan_ray.training.tiny_model import make_tiny_model
-    from agentflan_ray.training.train import TrainConfig
-    from agentflan_ray.training.train import run as run_train
 
     work = Path(args.work)
     data, _ = demo_samples(work)
@@ -161,6 +161,7 @@ def bare_worker(args) -> None:
     import torch.distributed as dist
 
     from agentflan_ray.config import load_config
+    from agentflan_ray.jobs.train import TrainConfig
     from agentflan_ray.training.engine import (
         StepMeter,
         expected_row,
@@ -168,7 +169,6 @@ def bare_worker(args) -> None:
         to_device,
         train_micro_batch,
     )
-    from agentflan_ray.training.train import TrainConfig
 
     config = load_config(TrainConfig, None, json.loads(args.overrides))
     dist.init_process_group("gloo")

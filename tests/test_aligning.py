@@ -20,7 +20,7 @@ from agentflan_ray.aligning.toolbench import (
 from agentflan_ray.aligning.verify import check_toolbench_sample
 from agentflan_ray.balancing.balance import balance_sample
 from agentflan_ray.config import load_config
-from agentflan_ray.generate import GenerateConfig
+from agentflan_ray.jobs.generate import GenerateConfig
 from agentflan_ray.reading.agentinstruct import parse_agentinstruct
 from agentflan_ray.reading.toolbench import parse_toolbench
 from agentflan_ray.records import Message, RecordError, Sample
@@ -128,7 +128,6 @@ def test_decomposed_labels_every_assistant_turn():
     for t in TOOLBENCH:
         sample = render_tflan_decomposed(t, 0)
         labels = [m.capability for m in sample.messages if m.role == "assistant"]
-        assert set(labels) <= {"reasoning", "retrieval", "understanding"}
         calls = sum(1 for s in t.steps if s.call.name != "Finish")
         assert Counter(labels) == {"reasoning": calls + 1, "retrieval": calls, "understanding": calls}
 

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, SIM_KEY
 
-from agentflan_ray.chat import ChatConfig
-from agentflan_ray.chat import run as run_chat
 from agentflan_ray.cli import main
 from agentflan_ray.config import load_config
+from agentflan_ray.jobs.chat import ChatConfig
+from agentflan_ray.jobs.chat import run as run_chat
 
 
 def write_requests(path: Path, n: int, broken: bool = False) -> list[str]:
@@ -176,7 +176,7 @@ def test_output_and_cache_on_s3(ray_session, simulator, s3_server, s3_bucket, tm
 
 
 def test_shard_files_rotate_and_count_rows_where_they_were_written(tmp_path):
-    from agentflan_ray.chat import RESULT_SCHEMA
+    from agentflan_ray.jobs.chat import RESULT_SCHEMA
     from agentflan_ray.storage import StorageConfig
     from agentflan_ray.writing.shards import ShardWriter
 

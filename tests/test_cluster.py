@@ -15,11 +15,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, demo_overrides, free_port, registered_checkpoints, write_tiny_data
+from conftest import REPO, demo_overrides, free_port, registered_checkpoints, wait_until, write_tiny_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -58,14 +57,12 @@ def alive_nodes(address: str, env: dict) -> list[str]:
 
 
 def wait_for_nodes(address: str, env: dict, count: int, head, logs: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def reached() -> bool:
         if head.poll() is not None:
             raise AssertionError("the head node exited:\n" + (logs / "head.log").read_text()[-3000:])
-        if len(alive_nodes(address, env)) == count:
-            return
-        time.sleep(2)
-    raise AssertionError(f"cluster at {address} did not reach {count} nodes")
+        return len(alive_nodes(address, env)) == count
+
+    wait_until(reached, timeout, f"the cluster at {address} to have {count} live nodes", interval=1)
 
 
 KEY = "sk-cluster-test-key-987654321"
@@ -88,7 +85,7 @@ def cluster(tmp_path_factory, s3_server):
                        f"--temp-dir={ray_dir}"], env, logs / "head.log")
     worker = None
     try:
-        time.sleep(5)
+        wait_for_nodes(address, env, 1, head, logs)  # the worker node needs the head's GCS up
         worker = start_node([f"--address={address}", "--node-ip-address=127.0.0.3", "--num-cpus=1"],
                             env, logs / "worker.log")
         wait_for_nodes(address, env, 2, head, logs)
@@ -102,13 +99,16 @@ def cluster(tmp_path_factory, s3_server):
 
 def submit(cluster, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``ray job submit``, retried while the head's job agent is still starting (nothing was submitted)."""
-    deadline = time.monotonic() + 120
-    while True:
-        result = subprocess.run([RAY, "job", "submit", f"--address={cluster['dashboard']}", "--", sys.executable, *args],
-                                env=cluster["env"], capture_output=True, text=True, timeout=timeout)
-        if "No available agent to submit job" not in result.stderr + result.stdout or time.monotonic() > deadline:
-            return result
-        time.sleep(3)
+    results = []
+
+    def taken() -> bool:
+        results.append(subprocess.run([RAY, "job", "submit", f"--address={cluster['dashboard']}", "--",
+                                       sys.executable, *args], env=cluster["env"], capture_output=True, text=True,
+                                      timeout=timeout))
+        return "No available agent to submit job" not in results[-1].stderr + results[-1].stdout
+
+    wait_until(taken, 120, "the head's job agent to take a job", interval=3)
+    return results[-1]
 
 
 def test_generate_job_submitted_to_a_two_node_cluster(cluster, tmp_path, sample_data):
@@ -119,7 +119,8 @@ def test_generate_job_submitted_to_a_two_node_cluster(cluster, tmp_path, sample_
     assert "succeeded" in result.stdout.lower()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["read"] == 51
-    assert manifest["counts"]["per_source"]["toolbench"] == {"read": 10, "written": 6, "quarantined": 4}
+    assert manifest["counts"]["per_source"]["toolbench"] == {"read": 10, "written": 6, "quarantined": 4,
+                                                             "dead_lettered": 0}
     assert len(manifest["files"]) > 8  # several read tasks
     assert alive_nodes(cluster["address"], cluster["env"]) == ["127.0.0.2", "127.0.0.3"]
 
@@ -161,28 +162,40 @@ def test_elastic_training_survives_losing_a_node(cluster, tmp_path, s3_bucket):
 
     write_tiny_data(tmp_path)
     s3 = boto3.client("s3")
-    job = subprocess.Popen(
-        [RAY, "job", "submit", f"--address={cluster['dashboard']}", "--", sys.executable, str(REPO / "jobs/train.py"),
-         f"data={tmp_path / 'data'}", f"model={tmp_path / 'model'}", "max_seq_len=128", "global_batch=4",
-         "num_workers=[1, 2]", "cpus_per_worker=1", "elastic_resize_interval_s=5", "lr=0.003", "warmup_ratio=0",
-         "max_steps=48", "checkpoint_every=4", f"storage_path=s3://{s3_bucket}/ckpt", "run_name=elastic",
-         "overlong=drop"],
-        env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline, stopped = time.monotonic() + 400, False
-    while job.poll() is None and time.monotonic() < deadline and not stopped:
+    scratch, log = tmp_path / "scratch", tmp_path / "job.log"
+    with log.open("w") as out:  # a file, not a pipe nobody reads while the job runs
+        job = subprocess.Popen(
+            [RAY, "job", "submit", f"--address={cluster['dashboard']}", "--", sys.executable,
+             str(REPO / "jobs/train.py"), f"data={tmp_path / 'data'}", f"model={tmp_path / 'model'}",
+             "max_seq_len=128", "global_batch=4", "num_workers=[1, 2]", "cpus_per_worker=1",
+             "elastic_resize_interval_s=5", "lr=0.003", "warmup_ratio=0", "max_steps=48", "checkpoint_every=4",
+             f"storage_path=s3://{s3_bucket}/ckpt", "run_name=elastic", "overlong=drop", f"scratch_dir={scratch}"],
+            env=cluster["env"], stdout=out, stderr=subprocess.STDOUT)
+
+    def step_8_on_two_workers_or_ended() -> str | None:
         try:
             snapshot = s3.get_object(Bucket=s3_bucket, Key="ckpt/elastic/checkpoint_manager_snapshot.json")
+            registered = registered_checkpoints(snapshot["Body"].read().decode())
         except s3.exceptions.NoSuchKey:
-            snapshot = None
-        if snapshot and any(c["step"] >= 8 and c["world_size"] == 2
-                            for c in registered_checkpoints(snapshot["Body"].read().decode())):
-            stop_node(cluster["worker"]())
-            stopped = True
-        time.sleep(0.5)
-    output, _ = job.communicate(timeout=max(30, deadline - time.monotonic()))
-    assert stopped, "the run never checkpointed step 8 on two workers:\n" + output[-3000:]
+            registered = []
+        if any(c["step"] >= 8 and c["world_size"] == 2 for c in registered):
+            return "checkpointed"
+        return "ended" if job.poll() is not None else None
+
+    try:
+        seen = wait_until(step_8_on_two_workers_or_ended, 400, "a registered step-8 checkpoint of two workers",
+                          interval=0.5)
+        assert seen == "checkpointed", "the run never checkpointed step 8 on two workers:\n" + log.read_text()[-3000:]
+        stop_node(cluster["worker"]())
+        wait_until(lambda: job.poll() is not None, 400, "the job to finish on the head alone", interval=1)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    output = log.read_text()
     assert job.returncode == 0, output[-5000:]
     summary = json.loads(output.split("[train] summary ", 1)[1].splitlines()[0])
     metrics = summary["metrics"]
     assert metrics["step"] == 48 and metrics["world_size"] == 1, metrics
     assert metrics["resumed_from"] >= 8 and metrics["rows_out_of_order"] == 0, output[-6000:]
+    converted = scratch / "agentflan-universal"  # the head's copy for one rank, under scratch_dir, removed
+    assert converted.is_dir() and not any(converted.iterdir()), output[-6000:]

@@ -3,11 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from agentflan_ray.chat import ChatConfig
 from agentflan_ray.cli import JOBS
 from agentflan_ray.config import ConfigError, JobConfig, load_config
-from agentflan_ray.generate import GenerateConfig
-from agentflan_ray.training.train import TrainConfig
+from agentflan_ray.jobs.chat import ChatConfig
+from agentflan_ray.jobs.generate import GenerateConfig
+from agentflan_ray.jobs.train import TrainConfig
 
 REPO = Path(__file__).parent.parent
 SHIPPED = sorted((REPO / "jobs" / "configs").glob("*.yaml"))

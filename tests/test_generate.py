@@ -13,8 +13,8 @@ from conftest import REPO, demo_overrides
 
 from agentflan_ray.cli import main
 from agentflan_ray.config import load_config
-from agentflan_ray.generate import GenerateConfig
-from agentflan_ray.generate import run as generate
+from agentflan_ray.jobs.generate import GenerateConfig
+from agentflan_ray.jobs.generate import run as generate
 
 STREAM_DIRS = {"tflan_cot", "tflan_decomposed", "instruct", "agent_instruct_react", "agent_instruct_tflan",
                "general", "agentflan", "quarantine"}

@@ -134,8 +134,8 @@ def test_gpu_check_dry_run(ray_session, sample_data, tmp_path):
     """`bench/gpu_check.sh --dry-run`: every step of the GPU check on CPU with a tiny model, its
     correctness checks passing, its figures printed, the Ray Train run on this session's Ray."""
     from agentflan_ray.config import load_config
-    from agentflan_ray.generate import GenerateConfig
-    from agentflan_ray.generate import run as generate
+    from agentflan_ray.jobs.generate import GenerateConfig
+    from agentflan_ray.jobs.generate import run as generate
 
     demo = tmp_path / "demo"
     generate(load_config(GenerateConfig, None, demo_overrides(sample_data, demo)), log=lambda *_: None)

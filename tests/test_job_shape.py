@@ -15,9 +15,9 @@ import pytest
 from conftest import REPO, demo_overrides, write_tiny_data
 
 from agentflan_ray.config import load_config
+from agentflan_ray.jobs.train import TrainConfig
 from agentflan_ray.records import SAMPLE_SCHEMA
 from agentflan_ray.storage import StorageConfig
-from agentflan_ray.training.train import TrainConfig
 from agentflan_ray.writing.manifest import IncompleteOutput, read_manifest
 
 
@@ -32,7 +32,7 @@ def train_config(root: Path, data: Path) -> TrainConfig:
 
 
 def test_train_refuses_an_output_without_its_manifest_before_ray_train_starts(tiny, tmp_path):
-    from agentflan_ray.training.train import run as run_train
+    from agentflan_ray.jobs.train import run as run_train
 
     half_written = tmp_path / "half"
     (half_written / "general").mkdir(parents=True)
@@ -74,10 +74,10 @@ def digests(root: Path) -> dict[str, str]:
 def test_jobs_whose_roots_share_a_prefix_never_touch_each_others_files(ray_session, sample_data, simulator, tmp_path):
     """generate in out/, chat nested in out/general/ (a folder generate itself writes), generate again
     in the sibling out2/: each rerun twice in turn leaves all three complete and byte-identical."""
-    from agentflan_ray.chat import ChatConfig
-    from agentflan_ray.chat import run as run_chat
-    from agentflan_ray.generate import GenerateConfig
-    from agentflan_ray.generate import run as generate
+    from agentflan_ray.jobs.chat import ChatConfig
+    from agentflan_ray.jobs.chat import run as run_chat
+    from agentflan_ray.jobs.generate import GenerateConfig
+    from agentflan_ray.jobs.generate import run as generate
 
     _, url = simulator()
     requests = tmp_path / "requests.jsonl"
@@ -108,8 +108,8 @@ def test_sibling_and_nested_roots_on_s3(ray_session, sample_data, s3_server, s3_
     """On S3 a root is a key prefix: run1 must not see run10's keys, nor run1/nested's."""
     import boto3
 
-    from agentflan_ray.generate import GenerateConfig
-    from agentflan_ray.generate import run as generate
+    from agentflan_ray.jobs.generate import GenerateConfig
+    from agentflan_ray.jobs.generate import run as generate
 
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     for path in sample_data.rglob("*.json"):

@@ -1,18 +1,26 @@
 """Source parsers on the real sample records and on broken ones."""
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from agentflan_ray.config import load_config
+from agentflan_ray.jobs.generate import GenerateConfig
 from agentflan_ray.reading.agentflan import parse_agentflan
 from agentflan_ray.reading.agentinstruct import parse_agentinstruct
+from agentflan_ray.reading.decode import iter_raw_records
+from agentflan_ray.reading.listing import list_input
+from agentflan_ray.reading.plan import ReadTask, plan_read_tasks
 from agentflan_ray.reading.sharegpt import parse_sharegpt
 from agentflan_ray.reading.toolbench import parse_toolbench
 from agentflan_ray.records import RecordError
+from agentflan_ray.storage import StorageConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 def toolbench_files():
@@ -70,16 +78,29 @@ def broken_toolbench():
     def wrong_type(ag):
         ag["train_messages"][-1][1]["content"] = ["a", "list"]
 
+    def arguments(text):
+        return variant(lambda ag: ag["train_messages"][-1][2]["function_call"].update(arguments=text))
+
+    def query(value):
+        return variant(lambda ag: ag["train_messages"][-1][1].update(content=value))
+
     return [
         ({}, "missing_field"),
         ([], "wrong_type"),
         ({"answer_generation": "text"}, "wrong_type"),
         (variant(lambda ag: ag.update(train_messages=[])), "empty_trajectory"),
         (variant(lambda ag: ag.update(train_messages=[[]])), "empty_trajectory"),
+        (variant(lambda ag: ag["train_messages"].append({"role": "user"})), "wrong_type"),
         (variant(bad_args), "unparseable_arguments"),
         (variant(no_observation), "roles_out_of_order"),
         (variant(wrong_type), "wrong_type"),
         (variant(lambda ag: ag.update(function="nope")), "wrong_type"),
+        (query(12345), "wrong_type"),
+        (arguments('{"x": NaN}'), "unparseable_arguments"),
+        (arguments('{"x": ' + "9" * 5000 + "}"), "unparseable_arguments"),
+        (arguments("[" * 5000 + "]" * 5000), "too_deep"),
+        (arguments('{"x": ' + "[" * 5000 + "]" * 5000 + "}"), "too_deep"),
+        (arguments('{"x": "\\udc00"}'), "not_utf8"),
     ]
 
 
@@ -165,3 +186,85 @@ def test_broken_chats_get_a_reason(row, reason):
     with pytest.raises(RecordError) as info:
         parse_sharegpt(row, "sharegpt", "x")
     assert info.value.reason == reason
+
+
+def test_agentinstruct_turns_whose_whitespace_would_stall_the_action_parser_are_refused():
+    row = json.loads((FIXTURES / "agentinstruct/os.json").read_text())[0]
+    row["conversations"][3]["content"] = "Think: a" + " " * 50_000 + "b"
+    with pytest.raises(RecordError) as info:
+        parse_agentinstruct(row, "agentinstruct", row["id"])
+    assert info.value.reason == "unparseable_action"
+
+
+def listing(uri) -> dict[str, tuple[str, int]]:
+    return {entry.name: (entry.problem, entry.size) for entry in list_input(str(uri), StorageConfig())}
+
+
+def test_listing_reports_loops_pipes_and_directories_instead_of_walking_into_them(tmp_path):
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / "ok.json").write_text("{}")
+    (root / "sub" / "deep.json").write_text("{}")
+    (root / "_hidden.json").write_text("{}")
+    (root / "sub" / "loop").symlink_to("..")
+    (root / "up").symlink_to(tmp_path)
+    (root / "self.json").symlink_to("self.json")
+    (root / "dangling.json").symlink_to(tmp_path / "missing.json")
+    os.mkfifo(root / "pipe.json")
+    (root / "dir.json").mkdir()
+    traps = {"sub/loop": ("symlink_loop", 0), "up": ("symlink_loop", 0), "self.json": ("symlink_loop", 0),
+             "dangling.json": ("unreadable_file", 0), "pipe.json": ("not_a_file", 0)}
+    files = {"ok.json": ("", 2), "sub/deep.json": ("", 2)}
+    assert listing(f"{root}/**/*.json") == {**files, **traps, "dir.json": ("not_a_file", 0)}
+    assert listing(root) == {**files, **traps}  # a directory input: its subdirectories are just walked
+    # Without `**` nothing below the glob's depth is walked, loops included.
+    assert listing(f"{root}/*.json") == {"ok.json": ("", 2), "self.json": ("symlink_loop", 0),
+                                         "dangling.json": ("unreadable_file", 0), "pipe.json": ("not_a_file", 0),
+                                         "dir.json": ("not_a_file", 0)}
+    assert listing(root / "pipe.json") == {"pipe.json": ("not_a_file", 0)}
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        list_input(str(root / "missing.json"), StorageConfig())
+
+
+def test_a_linked_directory_is_listed_once(tmp_path):
+    data, other = tmp_path / "data", tmp_path / "other"
+    (data / "v1").mkdir(parents=True)
+    other.mkdir()
+    (data / "v1" / "a.json").write_text("{}")
+    (other / "b.json").write_text("{}")
+    (data / "latest").symlink_to(data / "v1")  # already listed: reported, not read twice
+    (data / "shared").symlink_to(other)  # outside the input: followed
+    (data / "shared_again").symlink_to(other)
+    assert listing(data) == {"v1/a.json": ("", 2), "shared/b.json": ("", 2), "latest": ("symlink_loop", 0),
+                             "shared_again": ("symlink_loop", 0)}
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_not_read(tmp_path):
+    (tmp_path / os.fsdecode(b"bad\xff.json")).write_text("{}")
+    assert listing(tmp_path) == {"bad\ufffd.json": ("not_utf8", 0)}
+
+
+@pytest.mark.skipif(IS_ROOT, reason="root lists a directory whatever its mode")
+def test_an_unreadable_directory_is_reported(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "a.json").write_text("{}")
+    locked.chmod(0)
+    try:
+        assert listing(tmp_path) == {"locked": ("unreadable_file", 0)}
+    finally:
+        locked.chmod(0o755)
+
+
+def test_plan_makes_reported_entries_pieces_that_are_never_opened(tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    os.mkfifo(tmp_path / "pipe.json")
+    (tmp_path / "ok.json").write_text("[]")
+    config = load_config(GenerateConfig, None, [f'inputs=[{{format: sharegpt, path: "{tmp_path}/*.json*"}}]'])
+    tasks, unmatched = plan_read_tasks(config)
+    pieces = {piece.name: piece for task in tasks for piece in ReadTask.from_row(task.to_row()).ranges}
+    assert not unmatched
+    assert {name: piece.problem for name, piece in pieces.items()} == {
+        "empty.jsonl": "empty_file", "ok.json": "", "pipe.json": "not_a_file"}
+    # Reading the pipe would block forever: the piece yields its one record without opening it.
+    assert [(r.where, r.error) for r in iter_raw_records(pieces["pipe.json"], config)] == [("pipe.json", "not_a_file")]

@@ -5,19 +5,15 @@ end marker."""
 
 import os
 import signal
-import tempfile
 import threading
-import time
-from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from conftest import ANSWER, registered_checkpoints, write_tiny_data
 
 from agentflan_ray.config import load_config
-from agentflan_ray.training.train import TrainConfig
-from agentflan_ray.training.train import run as run_train
+from agentflan_ray.jobs.train import TrainConfig
+from agentflan_ray.jobs.train import run as run_train
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +29,18 @@ def config(root, *overrides):
         "num_workers=2", "cpus_per_worker=0.5", "lr=0.003", "warmup_ratio=0.0", f"storage_path={root / 'ckpt'}",
         "overlong=drop", *overrides,
     ])
+
+
+def answer_labels(tokenizer):
+    """The prompt's ids, and the prompt + trained answer + end marker with labels on the answer only."""
+    prompt = tokenizer.apply_chat_template([{"role": "system", "content": "You answer briefly."},
+                                            {"role": "user", "content": "What is the capital of France?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    target = tokenizer(prompt + ANSWER + "</s>", return_tensors="pt").input_ids
+    labels = target.clone()
+    labels[0, : ids.shape[1]] = -100  # the answer's loss only
+    return ids, target, labels
 
 
 def test_zero2_trains_resumes_and_exports(ray_session, tiny_run):
@@ -60,13 +68,7 @@ def test_zero2_trains_resumes_and_exports(ray_session, tiny_run):
     tokenizer = AutoTokenizer.from_pretrained(export)
     model = AutoModelForCausalLM.from_pretrained(export).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_run / "model").eval()
-    prompt = tokenizer.apply_chat_template([{"role": "system", "content": "You answer briefly."},
-                                            {"role": "user", "content": "What is the capital of France?"}],
-                                           tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    target = tokenizer(prompt + ANSWER + "</s>", return_tensors="pt").input_ids
-    labels = target.clone()
-    labels[0, : ids.shape[1]] = -100  # the answer's loss only
+    ids, target, labels = answer_labels(tokenizer)
     with torch.no_grad():
         assert model(target, labels=labels).loss < base(target, labels=labels).loss * 0.6
         out = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=tokenizer.eos_token_id,
@@ -75,18 +77,42 @@ def test_zero2_trains_resumes_and_exports(ray_session, tiny_run):
     assert text.startswith(ANSWER) and out[0, -1].item() == tokenizer.eos_token_id, text
 
 
-def test_zero3_trains(ray_session, tiny_run):
+def test_zero3_trains_and_exports(ray_session, tiny_run):
+    """The export consolidates the parameters ZeRO-3 partitioned over two ranks: every tensor of the
+    model is the trained one (a tensor missing from the consolidated state would keep the base
+    model's values), and the answer's loss fell."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     result = run_train(config(tiny_run, "zero_stage=3", "max_steps=4", "checkpoint_every=4", "run_name=z3",
                               f"export_dir={tiny_run / 'export3'}"), log=lambda *_: None)
     assert result["metrics"]["step"] == 4
-    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_run / "export3").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_run / "model").eval()
+    trained, initial = model.state_dict(), base.state_dict()
+    assert trained.keys() == initial.keys()
+    unchanged = [name for name, tensor in trained.items() if torch.equal(tensor, initial[name])]
+    assert not unchanged, unchanged
+    _, target, labels = answer_labels(AutoTokenizer.from_pretrained(tiny_run / "export3"))
+    with torch.no_grad():
+        assert model(target, labels=labels).loss < base(target, labels=labels).loss
 
-    assert AutoModelForCausalLM.from_pretrained(tiny_run / "export3") is not None
+
+def live_train_workers() -> dict[str, int]:
+    """{actor id: process id} of the live Ray Train workers of this test process's job, read from
+    the actor table of this test's own Ray: never a process of another run on the same machine.
+    (Earlier runs of this module are in the same job; their workers are no longer ALIVE.)"""
+    import ray
+    import ray._private.state
+
+    job = ray.get_runtime_context().get_job_id()
+    return {actor["ActorID"]: actor["Pid"] for actor in ray._private.state.actors().values()
+            if actor["State"] == "ALIVE" and actor["JobID"] == job and actor["Pid"]
+            and actor["ActorClassName"].rsplit(".", 1)[-1] == "RayTrainWorker"}
 
 
 def kill_a_train_worker_after(storage, step: int, stop: threading.Event) -> dict:
     """Once Ray Train has registered the checkpoint of ``step``, SIGKILL one Ray Train worker
-    process, as the OOM killer or a lost node would."""
+    process of this run, as the OOM killer or a lost node would."""
     killed = {}
 
     def watch():
@@ -96,13 +122,13 @@ def kill_a_train_worker_after(storage, step: int, stop: threading.Event) -> dict
                 registered = registered_checkpoints(snapshot.read_text())
             except (OSError, ValueError):  # not written yet, or being rewritten
                 registered = []
-            if any(c["step"] >= step for c in registered):
-                for process in psutil.process_iter(["cmdline"]):
-                    if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
-                        os.kill(process.pid, signal.SIGKILL)
-                        killed["pid"] = process.pid
-                        return
-            time.sleep(0.2)
+            workers = live_train_workers() if any(c["step"] >= step for c in registered) else {}
+            if workers:
+                actor, pid = sorted(workers.items())[0]
+                os.kill(pid, signal.SIGKILL)
+                killed.update(actor=actor, pid=pid)
+                return
+            stop.wait(0.2)
 
     threading.Thread(target=watch, daemon=True).start()
     return killed
@@ -116,7 +142,8 @@ def test_a_killed_worker_is_replaced_and_training_continues(ray_session, tiny_ru
                            log=lambda *_: None)
     finally:
         stop.set()
-    assert killed, "no worker was killed: the run ended before its step-8 checkpoint was seen"
+    assert killed, ("no worker was killed: the run ended before its step-8 checkpoint was registered, "
+                    "or this job had no live RayTrainWorker actor then")
     metrics = result["metrics"]
     assert metrics["step"] == 30 and metrics["resumed_from"] >= 8  # restarted from a registered checkpoint
     assert metrics["rows_out_of_order"] == 0
@@ -126,24 +153,24 @@ def test_a_killed_worker_is_replaced_and_training_continues(ray_session, tiny_ru
     (2, ["num_workers=[1, 2]", "cpus_per_worker=1.5", "elastic_resize_interval_s=5"]),  # room for one only
     (3, ["num_workers=1"]),
 ])
-def test_resume_on_another_number_of_workers(ray_session, tiny_run, stage, rerun):
+def test_resume_on_another_number_of_workers(ray_session, tiny_run, tmp_path, stage, rerun):
     """Two workers write a ZeRO checkpoint; a rerun on one worker (elastic with room for one, or
-    fixed) converts it to a universal checkpoint and continues with the same global batch."""
-    name = f"run_name=resize{stage}"
-    converted = Path(tempfile.gettempdir()) / "agentflan-universal"
-    before = set(converted.glob("*"))
-    first = run_train(config(tiny_run, f"zero_stage={stage}", "max_steps=6", "checkpoint_every=6", name),
+    fixed) converts it to a universal checkpoint under scratch_dir and continues with the same
+    global batch."""
+    name, scratch = f"run_name=resize{stage}", f"scratch_dir={tmp_path}"
+    first = run_train(config(tiny_run, f"zero_stage={stage}", "max_steps=6", "checkpoint_every=6", name, scratch),
                       log=lambda *_: None)
     assert first["metrics"]["world_size"] == 2
-    second = run_train(config(tiny_run, f"zero_stage={stage}", "max_steps=12", "checkpoint_every=6", name, *rerun),
-                       log=lambda *_: None)
+    second = run_train(config(tiny_run, f"zero_stage={stage}", "max_steps=12", "checkpoint_every=6", name, scratch,
+                              *rerun), log=lambda *_: None)
     metrics = second["metrics"]
     assert metrics["world_size"] == 1 and metrics["resumed_from"] == 6 and metrics["step"] == 12
     assert metrics["rows_out_of_order"] == 0 and metrics["data_position"] == 24
     # Six more steps from the converted weights, not six steps of a cold start (which would land at
     # about the first run's loss: same seed, same rows).
     assert metrics["loss"] < first["metrics"]["loss"] * 0.9, (first["metrics"]["loss"], metrics["loss"])
-    assert set(converted.glob("*")) <= before  # the converted copy is removed once loaded
+    converted = tmp_path / "agentflan-universal"
+    assert converted.is_dir() and not any(converted.iterdir())  # converted here, removed once loaded
 
 
 def test_checkpoints_on_s3_resume(ray_session, tiny_run, s3_bucket):

@@ -10,14 +10,14 @@ from conftest import write_samples
 
 from agentflan_ray.aligning.align import align
 from agentflan_ray.config import load_config
-from agentflan_ray.generate import GenerateConfig
+from agentflan_ray.jobs.generate import GenerateConfig
+from agentflan_ray.jobs.train import TrainConfig
 from agentflan_ray.reading.toolbench import parse_toolbench
 from agentflan_ray.training.attention import block_causal_mask
 from agentflan_ray.training.deepspeed_config import build_deepspeed_config, gradient_accumulation
 from agentflan_ray.training.packing import pack, padding_share
 from agentflan_ray.training.tiny_model import make_tiny_model
 from agentflan_ray.training.tokenize import IGNORE, SkipSample, tokenize_sample
-from agentflan_ray.training.train import TrainConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MESSAGES = [
@@ -58,7 +58,8 @@ def labelled_text(tokenizer, tokenized) -> str:
 def test_labels_cover_trained_assistant_turns_and_their_end_marker(tiny, template, end):
     tokenizer, _, _ = tiny
     tokenized = tokenize_sample(MESSAGES, tokenizer, template, max_len=4096)
-    assert len(tokenized.input_ids) == len(tokenized.labels)
+    # Labels are the input ids themselves where trained (the model shifts them), -100 elsewhere.
+    assert all(label in (IGNORE, token) for token, label in zip(tokenized.input_ids, tokenized.labels, strict=True))
     text = labelled_text(tokenizer, tokenized)
     assert "I should call the weather tool." in text and "It is 3 degrees." in text
     assert text.rstrip().endswith(end.strip())
@@ -75,7 +76,9 @@ def test_samples_without_training_signal_or_too_long_are_skipped_with_a_reason(t
     with pytest.raises(SkipSample, match="longer_than_max_seq_len"):
         tokenize_sample(MESSAGES, tokenizer, "agentflan", 8, overlong="drop")
     truncated = tokenize_sample(MESSAGES, tokenizer, "agentflan", 30, overlong="truncate")
-    assert len(truncated.input_ids) == 30
+    full = tokenize_sample(MESSAGES, tokenizer, "agentflan", 4096)
+    assert truncated.truncated and not full.truncated
+    assert (truncated.input_ids, truncated.labels) == (full.input_ids[:30], full.labels[:30])
 
 
 def test_packing_restarts_positions_and_fills_rows():
@@ -120,7 +123,7 @@ def test_accumulation_keeps_the_global_batch(world, accumulation):
     config = build_deepspeed_config(train_config("global_batch=64", "micro_batch=4", "zero_stage=3",
                                                  "num_workers=1"), world, total_steps=100)
     assert config["gradient_accumulation_steps"] == accumulation
-    assert config["train_batch_size"] == 64 == 4 * world * accumulation
+    assert config["train_batch_size"] == 64 and config["train_micro_batch_size_per_gpu"] == 4
     assert config["zero_optimization"]["stage"] == 3
     with pytest.raises(ValueError, match="not a multiple"):
         gradient_accumulation(64, 3, world)
@@ -148,13 +151,30 @@ def test_deepspeed_config_is_built_once_from_the_train_config():
     assert "torch_adam" not in deepspeed_adam["optimizer"]["params"]
 
 
-def test_tiny_model_loads_and_generates(tiny):
-    tokenizer, model, _ = tiny
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert out.shape[1] > ids.shape[1]
-    assert model.config.vocab_size == len(tokenizer)
+def test_tiny_tokenizer_round_trips_the_data_and_keeps_markers_whole(tiny):
+    """The tokenizer is trained on the samples: their text comes back exactly (byte-level BPE, any
+    script) in fewer tokens than characters, and the markers the templates rely on are one token each,
+    the turn end being the eos token that generation stops at."""
+    tokenizer, _, rows = tiny
+    texts = [m["content"] for r in rows for m in r["messages"]]
+    for text in [*texts, "Ünïcødé → 東京 🙂"]:
+        assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+    assert len(tokenizer.encode("".join(texts), add_special_tokens=False)) < 0.5 * len("".join(texts))
+    for marker in ("<s>", "</s>", "<pad>", "<|Human|>", "<|Assistant|>", "\u0d46", "\u0d3f"):
+        assert len(tokenizer.encode(marker, add_special_tokens=False)) == 1, marker
+    assert tokenizer.encode("</s>", add_special_tokens=False) == [tokenizer.eos_token_id]
+
+
+def test_tiny_model_starts_untrained(tiny):
+    """Random weights over the tokenizer's whole vocabulary: the loss on real text is about
+    ln(vocabulary), i.e. every token about equally likely."""
+    import math
+
+    tokenizer, model, rows = tiny
+    ids = tokenizer(rows[0]["messages"][-1]["content"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss.item()
+    assert loss == pytest.approx(math.log(len(tokenizer)), rel=0.02)
 
 
 def test_a_batch_with_no_trainable_sample_keeps_its_counts(tiny):
@@ -171,8 +191,8 @@ def test_a_batch_with_no_trainable_sample_keeps_its_counts(tiny):
 def test_prepared_rows_are_numbered_blocks_of_one_micro_batch(ray_session, tiny, tmp_path):
     """Shuffled by a seed, counted, and cut into blocks of micro_batch rows numbered 0..n-1, the
     same on every run."""
+    from agentflan_ray.jobs.train import TrainConfig
     from agentflan_ray.training.data import prepare_dataset
-    from agentflan_ray.training.train import TrainConfig
 
     data = Path(tiny[0].name_or_path).parent / "data"
     config = load_config(TrainConfig, None, [f"data={data}", f"model={tiny[0].name_or_path}", "max_seq_len=512",
@@ -195,8 +215,8 @@ def test_packing_depends_on_the_samples_not_on_how_they_are_stored(ray_session, 
     boundaries, which once made every run pack differently and a resumed run see other rows)."""
     import random
 
+    from agentflan_ray.jobs.train import TrainConfig
     from agentflan_ray.training.data import prepare_dataset
-    from agentflan_ray.training.train import TrainConfig
 
     rng = random.Random(0)
     rows = [{"id": f"s{i}", "source": "synthetic", "source_id": f"s{i}", "stream": "general", "tools": "[]",
@@ -234,8 +254,8 @@ def test_flops_per_token_counts_the_model_parameters():
 def test_local_paths_become_absolute_and_a_missing_model_fails_early(tmp_path, monkeypatch):
     """Ray Train workers do not share the driver's working directory; a wrong model path fails
     before any worker starts (not once per worker and retry)."""
-    from agentflan_ray.training.train import TrainConfig, absolute_paths
-    from agentflan_ray.training.train import run as run_train
+    from agentflan_ray.jobs.train import TrainConfig, absolute_paths
+    from agentflan_ray.jobs.train import run as run_train
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()

@@ -15,7 +15,7 @@ from agentflan_ray.aligning.toolbench import (
 from agentflan_ray.records import Conversation, EnvTrajectory, Sample, ToolTrajectory
 
 if TYPE_CHECKING:
-    from agentflan_ray.generate import GenerateConfig
+    from agentflan_ray.jobs.generate import GenerateConfig
 
 TOOLBENCH_RENDERERS = {
     "react": render_react,

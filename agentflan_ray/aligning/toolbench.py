@@ -22,7 +22,7 @@ import random
 from agentflan_ray.aligning import templates as T
 from agentflan_ray.aligning.split import rng_for, unit_hash
 from agentflan_ray.reading.toolbench import FINISH
-from agentflan_ray.records import Message, Sample, Step, ToolCall, ToolTrajectory, tools_json
+from agentflan_ray.records import Message, Sample, Step, ToolTrajectory, tools_json
 
 
 def qualified_name(function: str) -> str:
@@ -170,7 +170,3 @@ def render_instruct(t: ToolTrajectory, seed: int) -> Sample | None:
     sample = _sample(t, "instruct", messages)
     sample.tools = tools_json([schema])
     return sample
-
-
-def source_calls(t: ToolTrajectory) -> list[ToolCall]:
-    return [step.call for step in t.steps]

@@ -1,181 +1,148 @@
 """Stream raw records out of JSON, JSONL and Parquet files without loading whole files.
 
 Every unit read from a file comes out as a ``RawRecord``: either a parsed value, or an ``error``
-(a quarantine reason) with as much of the offending text as is useful. A truncated JSON file, a
-binary file or an over-long line therefore never raises: it yields one error record and the file
-is finished.
+(a quarantine reason) with as much of the offending text as is useful, so no input makes a read task
+raise. A bad unit is one record and reading goes on after it: a JSONL line, a JSON array item that
+does not decode, a value over ``max_record_bytes`` (never held whole), a Parquet row. What cannot be
+resynchronised (a truncated JSON file, binary data, a compressed file, a bare token that is not JSON)
+yields one error record and the file is finished. JSON files are streamed by ``json_values``.
 """
 
 from __future__ import annotations
 
 import codecs
 import io
-import json
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import pyarrow.parquet as pq
 
+from agentflan_ray.reading.json_values import read_json_values
+from agentflan_ray.reading.jsontext import loads
 from agentflan_ray.reading.plan import FileRange
+from agentflan_ray.reading.raw import CHUNK, PREVIEW, RawRecord, binary_signature, preview_bytes
+from agentflan_ray.records import RecordError
 from agentflan_ray.storage import filesystem
 
-CHUNK = 1 << 20
-PREVIEW = 2000
-DECODER = json.JSONDecoder()
-WHITESPACE = " \t\n\r\ufeff"
-
-
-@dataclass
-class RawRecord:
-    value: Any
-    where: str  # "path#index" or "path@byte"
-    error: str = ""
-    detail: str = ""
-    preview: str = ""
-    size: int = 0
+__all__ = ["PREVIEW", "RawRecord", "iter_raw_records", "read_json_values", "read_jsonl_range", "read_parquet_rows"]
+PARQUET_BATCH = 512
 
 
 def read_jsonl_range(
     stream, name: str, start: int, end: int | None, max_record_bytes: int
 ) -> Iterator[RawRecord]:
     """Lines whose first byte lies in ``[start, end)``; ``stream`` is a seekable binary file."""
+    stream.seek(0)
+    binary = binary_signature(stream.read(4))
+    if binary:  # one row for the file, from the range that starts it
+        if start == 0:
+            yield RawRecord(None, name, "not_utf8", f"{binary}, not JSON lines")
+        return
     position = start
-    if start > 0:
-        stream.seek(start - 1)
-        # A line starting exactly at `start` belongs to us; otherwise skip the partial line.
-        position = start + len(stream.readline()) if stream.read(1) != b"\n" else start
+    stream.seek(max(start - 1, 0))
+    # A line starting exactly at `start` belongs to us; otherwise skip the partial line.
+    if start > 0 and stream.read(1) != b"\n":
+        position = _skip_line(stream, start, end)
+    lines = 0
     while end is None or position < end:
-        line = _read_line(stream, max_record_bytes)
-        if line is None:
-            return
-        raw, length = line
-        where = f"{name}@{position}"
-        position += length
-        if raw is _TOO_LONG:
-            yield RawRecord(None, where, "record_too_large", f"line of {length} bytes", size=length)
-            continue
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield RawRecord(None, where, "not_utf8", str(exc), _preview(raw), len(raw))
-            continue
-        try:
-            yield RawRecord(json.loads(text), where, size=len(raw))
-        except json.JSONDecodeError as exc:
-            yield RawRecord(None, where, "invalid_json", str(exc), text[:PREVIEW], len(raw))
-
-
-_TOO_LONG = object()
-
-
-def _read_line(stream, limit: int):
-    """Read one line; a line longer than ``limit`` is consumed without keeping it."""
-    line = stream.readline(limit + 1)
-    if not line:
-        return None
-    if len(line) <= limit or line.endswith(b"\n"):
-        return line, len(line)
-    length = len(line)
-    while not line.endswith(b"\n"):
-        line = stream.readline(CHUNK)
-        if not line:
+        raw, length, too_long = _read_line(stream, max_record_bytes)
+        if not length:
             break
-        length += len(line)
-    return _TOO_LONG, length
+        where = f"{name}@{position}"
+        if position == 0:
+            raw = raw.removeprefix(codecs.BOM_UTF8)
+        position += length
+        if too_long:
+            lines += 1
+            yield RawRecord(None, where, "record_too_large",
+                            f"line of {length} bytes exceeds max_record_bytes={max_record_bytes}", preview_bytes(raw), length)
+        elif raw.strip():
+            lines += 1
+            yield _decode_line(raw, where)
+    if lines == 0 and start == 0 and end is None:
+        yield RawRecord(None, name, "empty_file", "no line holds anything but whitespace")
 
 
-def read_json_values(stream, name: str, max_record_bytes: int) -> Iterator[RawRecord]:
-    """Values of a JSON file: the items of a top-level array, or each top-level value in turn
-    (one object, or concatenated/newline-delimited objects)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    buf, pos, eof, index, in_array, first = "", 0, False, 0, False, True
-    # Parsing gives up (and quarantines the rest of the file) past this many bytes in one value.
-    hard_limit = max(4 * max_record_bytes, 64 << 20)
-
-    def fill(want: int) -> bool:
-        nonlocal buf, pos, eof
-        if eof:
-            return False
-        data = stream.read(max(CHUNK, want))
-        if not data:
-            eof = True
-            buf += decoder.decode(b"", final=True)
-            return False
-        buf = buf[pos:] + decoder.decode(data)
-        pos = 0
-        return True
-
+def _decode_line(raw: bytes, where: str) -> RawRecord:
     try:
-        while True:
-            while True:
-                while pos < len(buf) and buf[pos] in WHITESPACE:
-                    pos += 1
-                if pos < len(buf) or not fill(CHUNK):
-                    break
-            if pos >= len(buf):
-                if in_array:
-                    yield RawRecord(None, f"{name}#{index}", "invalid_json", "truncated: array not closed")
-                return
-            char = buf[pos]
-            if first and char == "[":
-                in_array, first = True, False
-                pos += 1
-                continue
-            first = False
-            if in_array and char == ",":
-                pos += 1
-                continue
-            if in_array and char == "]":
-                in_array = False
-                pos += 1
-                continue
-            while True:
-                try:
-                    value, end = DECODER.raw_decode(buf, pos)
-                    break
-                except json.JSONDecodeError as exc:
-                    if len(buf) - pos > hard_limit:
-                        yield RawRecord(None, f"{name}#{index}", "record_too_large",
-                                        f"value over {hard_limit} bytes; rest of file skipped")
-                        return
-                    if not fill(len(buf) - pos):
-                        yield RawRecord(None, f"{name}#{index}", "invalid_json", str(exc),
-                                        buf[pos : pos + PREVIEW], len(buf) - pos)
-                        return
-            start, pos = pos, end
-            size = end - start
-            if size > max_record_bytes:
-                yield RawRecord(None, f"{name}#{index}", "record_too_large",
-                                f"record of {size} characters exceeds max_record_bytes={max_record_bytes}",
-                                buf[start : start + PREVIEW], size)
-            else:
-                yield RawRecord(value, f"{name}#{index}", size=size)
-            index += 1
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        yield RawRecord(None, f"{name}#{index}", "not_utf8", f"not UTF-8 text: {exc.reason} at byte {exc.start}")
-
-
-def read_parquet_rows(stream, name: str) -> Iterator[RawRecord]:
+        return RawRecord(None, where, "not_utf8", str(exc), preview_bytes(raw), len(raw))
     try:
-        parquet = pq.ParquetFile(stream)
-        index = 0
-        for batch in parquet.iter_batches(batch_size=512):
-            for row in batch.to_pylist():
-                yield RawRecord(row, f"{name}#{index}")
-                index += 1
-    except Exception as exc:  # noqa: BLE001 - any unreadable Parquet file is quarantined whole
-        yield RawRecord(None, name, "invalid_parquet", f"{type(exc).__name__}: {exc}")
+        return RawRecord(loads(text), where, size=len(raw))
+    except RecordError as exc:
+        return RawRecord(None, where, exc.reason, exc.detail, text[:PREVIEW], len(raw))
 
 
-def _preview(raw: bytes) -> str:
-    return raw[:PREVIEW].decode("utf-8", errors="replace")
+def _read_line(stream, limit: int) -> tuple[bytes, int, bool]:
+    """One line and its length; a line longer than ``limit`` is consumed keeping only its start."""
+    line = stream.readline(limit + 1)
+    if len(line) <= limit or line.endswith(b"\n"):
+        return line, len(line), False
+    head, length = line[:PREVIEW], len(line)
+    del line
+    while True:
+        piece = stream.readline(CHUNK)
+        length += len(piece)
+        if not piece or piece.endswith(b"\n"):
+            return head, length, True
+
+
+def _skip_line(stream, position: int, end: int | None) -> int:
+    """Skip the rest of a line that began before ``position``, a chunk at a time, and return where the
+    next line starts; stop early once that can only be at or past ``end`` (not this range's line)."""
+    while end is None or position < end:
+        piece = stream.readline(CHUNK)
+        position += len(piece)
+        if not piece or piece.endswith(b"\n"):
+            break
+    return position
+
+
+def read_parquet_rows(stream, name: str, max_record_bytes: int) -> Iterator[RawRecord]:
+    """Rows of a Parquet file. A row over ``max_record_bytes`` (its Arrow size) is never turned into
+    Python objects; a row that cannot be converted is one error record; a file that cannot be read
+    on is one error record for the rest of it."""
+    index = 0
+    try:
+        for batch in pq.ParquetFile(stream).iter_batches(batch_size=PARQUET_BATCH):
+            yield from _batch_rows(batch, name, index, max_record_bytes)
+            index += batch.num_rows
+    except Exception as exc:  # noqa: BLE001 - an unreadable Parquet file is quarantined, not raised
+        yield RawRecord(None, name if index == 0 else f"{name}#{index}", "invalid_parquet",
+                        f"{type(exc).__name__}: {exc}")
+
+
+def _batch_rows(batch, name: str, first: int, limit: int) -> Iterator[RawRecord]:
+    rows = None
+    if batch.nbytes <= limit:  # no row can be over the limit: convert the batch at once
+        try:
+            rows = batch.to_pylist()
+        except Exception:  # noqa: BLE001 - some row does not convert: find it below, row by row
+            rows = None
+    for i in range(batch.num_rows):
+        where = f"{name}#{first + i}"
+        if rows is not None:
+            yield RawRecord(rows[i], where)
+            continue
+        row = batch.slice(i, 1)
+        if row.nbytes > limit:
+            yield RawRecord(None, where, "record_too_large",
+                            f"row of {row.nbytes} bytes exceeds max_record_bytes={limit}", size=row.nbytes)
+            continue
+        try:
+            yield RawRecord(row.to_pylist()[0], where, size=row.nbytes)
+        except UnicodeDecodeError as exc:
+            yield RawRecord(None, where, "not_utf8", str(exc), size=row.nbytes)
+        except Exception as exc:  # noqa: BLE001 - a value Python cannot hold (a date out of range, ...)
+            yield RawRecord(None, where, "invalid_parquet", f"{type(exc).__name__}: {exc}", size=row.nbytes)
 
 
 def iter_raw_records(piece: FileRange, config) -> Iterator[RawRecord]:
-    """Every unit of one file piece, opened through local disk or S3."""
+    """Every unit of one file piece, opened through local disk or S3; a piece the listing already
+    found unreadable is one error record and is never opened."""
+    if piece.problem:
+        yield RawRecord(None, piece.name, piece.problem, piece.detail)
+        return
     fs, _ = filesystem(piece.uri, config.storage)
     try:
         stream = fs.open_input_file(piece.path)
@@ -187,7 +154,7 @@ def iter_raw_records(piece: FileRange, config) -> Iterator[RawRecord]:
             stream = buffered(stream)
             yield from read_jsonl_range(stream, piece.name, piece.start, piece.end, config.max_record_bytes)
         elif piece.kind == "parquet":
-            yield from read_parquet_rows(stream, piece.name)
+            yield from read_parquet_rows(stream, piece.name, config.max_record_bytes)
         else:
             yield from read_json_values(stream, piece.name, config.max_record_bytes)
 

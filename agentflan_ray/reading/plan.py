@@ -4,6 +4,10 @@ Files are listed on the driver (names and sizes only), sorted, and packed in ord
 larger than a task is split into byte ranges (each range reads the lines that start inside it);
 JSON and Parquet files are read whole by one task. Task ``i`` writes ``part-{i:05d}`` files, so the
 same input and config always produce the same file names.
+
+An entry that cannot be read (a named pipe, a link loop, an empty file: see ``listing``) is still a
+piece, with its quarantine reason in ``problem``: the task reports it as one quarantine row and never
+opens it.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from agentflan_ray.storage import expand
+from agentflan_ray.reading.listing import list_input
 
 if TYPE_CHECKING:
-    from agentflan_ray.generate import GenerateConfig
+    from agentflan_ray.jobs.generate import GenerateConfig
 
 
 @dataclass
@@ -27,6 +31,8 @@ class FileRange:
     start: int
     end: int | None  # None: to the end of the file
     kind: str  # json | jsonl | parquet
+    problem: str = ""  # a quarantine reason for the whole file, which is then never opened
+    detail: str = ""
 
 
 @dataclass
@@ -56,12 +62,16 @@ def plan_read_tasks(config: GenerateConfig) -> tuple[list[ReadTask], list[str]]:
     pieces: list[tuple[int, FileRange]] = []
     empty = []
     for spec in config.inputs:
-        files = expand(spec.path, config.storage)
-        if not files:
+        entries = list_input(spec.path, config.storage)
+        if not entries:
             empty.append(spec.path)
-        for path, size, name in files:
-            kind = file_kind(path)
-            if kind == "jsonl" and size > config.task_bytes:
+        for entry in entries:
+            path, size, name, kind = entry.path, entry.size, entry.name, file_kind(entry.path)
+            if entry.problem or size == 0:
+                problem, detail = (entry.problem, entry.detail) if entry.problem else ("empty_file", "0 bytes")
+                pieces.append((0, FileRange(spec.format, spec.source, path, spec.path, name, 0, None, kind,
+                                            problem, detail)))
+            elif kind == "jsonl" and size > config.task_bytes:
                 for start in range(0, size, config.task_bytes):
                     end = min(start + config.task_bytes, size)
                     pieces.append((end - start, FileRange(spec.format, spec.source, path, spec.path, name, start, end, kind)))

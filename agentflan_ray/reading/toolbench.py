@@ -11,8 +11,7 @@ counted by the caller through ``RETRY_PREFACE_NOTE``) so the rest of the path ca
 
 from __future__ import annotations
 
-import json
-
+from agentflan_ray.reading.jsontext import loads
 from agentflan_ray.records import RecordError, Step, ToolCall, ToolTrajectory
 
 RETRY_PREFACE = "This is not the first time you try this task"
@@ -28,7 +27,9 @@ def parse_toolbench(record: dict, source: str, source_id: str) -> tuple[ToolTraj
     if not train_messages:
         raise RecordError("empty_trajectory", "answer_generation.train_messages is empty")
     messages = train_messages[-1]
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, list):
+        raise RecordError("wrong_type", f"the last train_messages entry is {type(messages).__name__}, not a list")
+    if not messages:
         raise RecordError("empty_trajectory", "the last train_messages list is empty")
     functions = answer.get("function", [])
     if not isinstance(functions, list) or not all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in functions):
@@ -39,7 +40,7 @@ def parse_toolbench(record: dict, source: str, source_id: str) -> tuple[ToolTraj
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise RecordError("wrong_type", "a message is not an object with a role")
-        if message["role"] == "user" and RETRY_PREFACE in (message.get("content") or ""):
+        if message["role"] == "user" and RETRY_PREFACE in _text(message):
             removed += 1
             continue
         kept.append(message)
@@ -114,9 +115,10 @@ def _call(call) -> ToolCall:
         arguments = raw
     elif isinstance(raw, str):
         try:
-            arguments = json.loads(raw) if raw.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise RecordError("unparseable_arguments", f"{call['name']}: {exc}") from None
+            arguments = loads(raw) if raw.strip() else {}
+        except RecordError as exc:  # too_deep and not_utf8 keep their reason
+            reason = "unparseable_arguments" if exc.reason == "invalid_json" else exc.reason
+            raise RecordError(reason, f"{call['name']}: {exc.detail}") from None
     else:
         raise RecordError("unparseable_arguments", f"{call['name']}: arguments are {type(raw).__name__}")
     if not isinstance(arguments, dict):

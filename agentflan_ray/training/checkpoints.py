@@ -9,8 +9,9 @@ A checkpoint directory, as Ray Train stores it under ``storage_path/run_name/che
 A ZeRO checkpoint only loads on the world size that wrote it (its optimizer state is partitioned
 per rank). When an elastic run restarts on a different number of workers, the checkpoint is first
 converted to DeepSpeed's *universal* format (``ds_to_universal``: one fp32 file per parameter and
-optimizer moment, independent of the partitioning), once per node under ``$TMPDIR`` (it takes
-about as much disk as the checkpoint), loaded with ``checkpoint.load_universal``, and removed.
+optimizer moment, independent of the partitioning), once per node under ``scratch_dir`` (default
+``$TMPDIR``; it takes about as much disk as the checkpoint), loaded with
+``checkpoint.load_universal``, and removed.
 Later checkpoints are ordinary ZeRO checkpoints of the new size.
 """
 
@@ -64,8 +65,9 @@ class Resume:
 
 
 @contextlib.contextmanager
-def resume_point(world_size: int, local_rank: int) -> Iterator[Resume]:
-    """The latest checkpoint of this run as something DeepSpeed can load on ``world_size`` ranks."""
+def resume_point(world_size: int, local_rank: int, scratch_dir: str = "") -> Iterator[Resume]:
+    """The latest checkpoint of this run as something DeepSpeed can load on ``world_size`` ranks;
+    a universal copy, when one is needed, goes under ``scratch_dir`` (empty: the temp directory)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         yield Resume()
@@ -77,7 +79,7 @@ def resume_point(world_size: int, local_rank: int) -> Iterator[Resume]:
             yield Resume(directory, state)
             return
         key = hashlib.sha1(f"{checkpoint.path}:{state['step']}".encode()).hexdigest()[:16]
-        universal = os.path.join(tempfile.gettempdir(), "agentflan-universal", key)
+        universal = os.path.join(scratch_dir or tempfile.gettempdir(), "agentflan-universal", key)
         if local_rank == 0 and not os.path.exists(os.path.join(universal, "latest_universal")):
             to_universal(directory, universal)
         _barrier()  # every node's copy exists before anyone loads it

@@ -40,7 +40,7 @@ from agentflan_ray.training.tokenize import SkipSample, tokenize_sample
 from agentflan_ray.writing.manifest import sample_shards
 
 if TYPE_CHECKING:
-    from agentflan_ray.training.train import TrainConfig
+    from agentflan_ray.jobs.train import TrainConfig
 
 PACK_GROUP = 512  # samples packed together (first-fit decreasing within each group)
 

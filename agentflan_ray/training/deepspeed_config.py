@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from agentflan_ray.training.train import TrainConfig
+    from agentflan_ray.jobs.train import TrainConfig
 
 
 

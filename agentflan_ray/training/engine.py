@@ -26,7 +26,7 @@ from agentflan_ray.training.attention import attention_inputs, select_attention
 from agentflan_ray.training.deepspeed_config import build_deepspeed_config
 
 if TYPE_CHECKING:
-    from agentflan_ray.training.train import TrainConfig
+    from agentflan_ray.jobs.train import TrainConfig
 
 logger = logging.getLogger(__name__)
 

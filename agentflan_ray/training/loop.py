@@ -35,13 +35,13 @@ logger = logging.getLogger(__name__)
 def train_loop_per_worker(loop_config: dict) -> None:
     import torch
 
-    from agentflan_ray.training.train import TrainConfig
+    from agentflan_ray.jobs.train import TrainConfig
 
     config = build(TrainConfig, loop_config["config"], "")
     total_steps, steps_per_epoch = loop_config["total_steps"], loop_config["steps_per_epoch"]
     context = ray.train.get_context()
     world_size, rank = context.get_world_size(), context.get_world_rank()
-    with resume_point(world_size, context.get_local_rank()) as resume:
+    with resume_point(world_size, context.get_local_rank(), config.scratch_dir) as resume:
         bundle = setup_engine(config, world_size, total_steps, resume.universal)
         if resume.directory:
             bundle.engine.load_checkpoint(resume.directory, load_module_strict=True)

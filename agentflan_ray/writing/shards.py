@@ -62,8 +62,8 @@ class ShardWriter:
         if not rows:
             return
         name, writer = self._writer(folder)
-        schema = self.schema(folder)
-        writer.write_table(pa.Table.from_pylist([{k: row.get(k) for k in schema.names} for row in rows], schema=schema))
+        # Only the schema's columns are taken: the ``_`` bookkeeping ones stay behind.
+        writer.write_table(pa.Table.from_pylist(rows, schema=self.schema(folder)))
         self.files[name] += len(rows)
         self.buffers[folder] = []
         if self.rows_per_file and self.files[name] >= self.rows_per_file:

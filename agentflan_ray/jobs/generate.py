@@ -146,6 +146,9 @@ def process_raw_record(raw: RawRecord, piece: FileRange, config, ratios, writer,
         samples = align(trajectory, config)
     except RecordError as exc:
         return Quarantined(piece.source, source_id, exc.reason, exc.detail, piece.name, _preview(raw.value))
+    except RecursionError:  # a value nested about as deep as the decoder allows, recursed over again
+        detail = "nested too deep to process"
+        return Quarantined(piece.source, source_id, "too_deep", detail, piece.name, _preview(raw.value))
     except Exception as exc:  # noqa: BLE001 - one bad record must never stop the job
         detail = f"{type(exc).__name__}: {exc}"
         return Quarantined(piece.source, source_id, "internal_error", detail, piece.name, _preview(raw.value))

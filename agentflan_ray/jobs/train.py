@@ -2,12 +2,12 @@
 
     agentflan-ray train --config jobs/configs/train_demo.yaml data=./out/demo model=./tiny max_steps=20
 
-Driver: preflight (model, the data's manifest) -> prepare_dataset (tokenize + pack in Ray Data) -> TorchTrainer(loop.train_loop_per_worker)
--> export. Ray Train restarts the worker group from the latest checkpoint when a worker dies
+Driver: preflight (model, the data's manifest) -> prepare_dataset (tokenize + pack in Ray Data,
+training/data.py) -> TorchTrainer(training/loop.train_loop_per_worker) -> export. Ray Train restarts the worker group from the latest checkpoint when a worker dies
 (``max_failures``), and with ``num_workers: [min, max]`` it resizes the group as nodes come and go.
 
 Resume bound: a checkpoint stores the optimizer step; the restarted group skips exactly
-``step x global_batch`` packed rows of the current epoch (see loop.py), so no row is repeated or
+``step x global_batch`` packed rows of the current epoch (see training/loop.py), so no row is repeated or
 skipped, also on a different world size. A new job re-packs identically (the shuffle is seeded by
 sample id and packing is deterministic), so rerunning with the same run name resumes as exactly.
 """
@@ -82,6 +82,9 @@ class TrainConfig(JobConfig):
     storage_path: str = "./out/checkpoints"
     run_name: str = "agentflan-sft"
     export_dir: str = ""
+    # Local directory on every node for a resize's universal checkpoint copy (about the
+    # checkpoint's size, removed once loaded); empty: the system's temporary directory.
+    scratch_dir: str = ""
     seed: int = 0
 
     def validate(self, key: str = "") -> None:
@@ -93,6 +96,8 @@ class TrainConfig(JobConfig):
             raise ConfigError(f"zero_stage: must be 2 or 3, got {self.zero_stage}")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("offload_params: needs zero_stage=3 (ZeRO-2 keeps the parameters on the GPU)")
+        if is_s3(self.scratch_dir):
+            raise ConfigError(f"scratch_dir: must be a local directory (on every node), got {self.scratch_dir!r}")
         if self.export_dir and not self.checkpoint_at_end:
             raise ConfigError("checkpoint_at_end: must be true with export_dir (the export is made from it)")
         require_at_least(self, key, ("max_seq_len", "global_batch", "micro_batch", "epochs",
@@ -197,7 +202,7 @@ def succeeded(summary: dict) -> bool:
 def absolute_paths(config: TrainConfig) -> TrainConfig:
     """Local paths made absolute: Ray Train workers do not run in the driver's working directory."""
     changes = {}
-    for name in ("data", "storage_path", "export_dir"):
+    for name in ("data", "storage_path", "export_dir", "scratch_dir"):
         value = getattr(config, name)
         if value and not is_s3(value):
             changes[name] = os.path.abspath(value)
