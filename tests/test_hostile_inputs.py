@@ -155,7 +155,7 @@ def hostile_items(fmt: str) -> list[tuple[bytes, str]]:
         (enc(good(1)), ""),
         (duplicate_first_key(good(2)), ""),  # duplicate keys: the last one counts
         (b"[" * 100_000 + b"]" * 100_000, "too_deep"),
-        (enc(good(3, meta=json.loads("[" * 5000 + "]" * 5000))), "too_deep"),
+        (enc(good(3))[:-1] + b', "meta": ' + b"[" * 5000 + b"]" * 5000 + b"}", "too_deep"),
         (b'"a bare string"', "wrong_type"),
         (b"42", "wrong_type"),
         (b"null", "wrong_type"),

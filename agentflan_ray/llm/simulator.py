@@ -86,6 +86,7 @@ class Simulator:
         self.random = random.Random(config.seed)
         self.requests = Bucket(config.rpm, config.burst_s) if config.rpm else None
         self.tokens = Bucket(config.tpm, config.burst_s) if config.tpm else None
+        self.in_flight = 0  # requests being answered now (not reset with the statistics)
         self.reset()
 
     def reset(self) -> None:
@@ -129,6 +130,7 @@ class Simulator:
             "status": {str(k): v for k, v in sorted(self.status.items())},
             "faults": dict(self.faults),
             "answered": sum(self.answered.values()),
+            "in_flight": self.in_flight,
             "unique_prompts_answered": len(self.answered),
             "repeated_answers": sum(n - 1 for n in self.answered.values() if n > 1),
             "prompt_tokens": self.prompt_tokens,
@@ -176,9 +178,13 @@ class Simulator:
 
         fault = self._draw_fault()
         latency = self.config.latency_s * (1 + self.random.uniform(-1, 1) * self.config.latency_jitter)
-        await asyncio.sleep(max(latency, 0.0))
-        if fault == "hang":
-            await asyncio.sleep(self.config.hang_s)
+        self.in_flight += 1  # until answered: a client that went away still gets (and is counted) an answer
+        try:
+            await asyncio.sleep(max(latency, 0.0))
+            if fault == "hang":
+                await asyncio.sleep(self.config.hang_s)
+        finally:
+            self.in_flight -= 1
         if fault in ("error_500", "error_503"):
             status = 500 if fault == "error_500" else 503
             return self._error(status, "server_error", "The server had an error while processing your request.")
