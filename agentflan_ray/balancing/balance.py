@@ -22,6 +22,7 @@ BALANCE_PRESETS = {
     "r10r5u7": {"reasoning": 1.0, "retrieval": 0.5, "understanding": 0.7},
 }
 
+
 @dataclass
 class BalanceConfig:
     """Capability balancing by loss masking: a turn keeps its loss with probability ratio[capability]."""
@@ -39,6 +40,7 @@ class BalanceConfig:
 
     def resolved(self) -> dict[str, float]:
         return {**BALANCE_PRESETS[self.preset], **{k: float(v) for k, v in self.ratios.items()}}
+
 
 UNLABELLED = "unlabelled"
 

@@ -26,16 +26,15 @@ import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from agentflan_ray.config import ConfigError, JobConfig
 from agentflan_ray.llm.budget import create_budget
 from agentflan_ray.llm.client import LLMClient, Secret
 from agentflan_ray.llm.settings import LLMConfig
-from agentflan_ray.llm.stage import USAGE, BadInput, LLMStage
+from agentflan_ray.llm.stage import BadInput, LLMStage, account_rows
 from agentflan_ray.storage import expand, filesystem, join, s3_endpoint
-from agentflan_ray.writing.accounting import Progress, Tally
+from agentflan_ray.writing.accounting import Progress, Tally, all_accounted
 from agentflan_ray.writing.manifest import build_manifest, finish_output, start_output
 from agentflan_ray.writing.shards import QUARANTINE, ShardWriter
 
@@ -198,10 +197,10 @@ def run(config: ChatConfig, log=print, prepared: tuple[list[str], LLMClient] | N
         writer = ShardWriter(config.output, config.storage, lambda _: RESULT_SCHEMA, rows_per_file=ROWS_PER_FILE)
         progress = Progress(NAME, total, "requests", log, config.progress, detail=lambda t: cost_line(t, price))
         for table in results.iter_batches(batch_format="pyarrow", batch_size=None):
-            account(table, tally)
+            inputs = account_rows(table, tally, SOURCE)
             for row in table.to_pylist():
                 writer.add(FOLDERS[row["status"]], row)
-            progress.update(tally, int(pc.sum(table["_first"]).as_py() or 0))
+            progress.update(tally, inputs)
         tally.files = writer.close()
     finally:
         context.execution_options.preserve_order = preserve_order
@@ -222,18 +221,6 @@ def run(config: ChatConfig, log=print, prepared: tuple[list[str], LLMClient] | N
     return manifest
 
 
-def account(table: pa.Table, tally: Tally) -> None:
-    """Each input row once (its first output row): read, its outcome and reason, its usage."""
-    columns = table.select(["_first", "_outcome", "_reason", *USAGE]).to_pydict()
-    for i, first in enumerate(columns["_first"]):
-        if not first:
-            continue
-        tally.read(SOURCE)
-        tally.outcome(SOURCE, columns["_outcome"][i], columns["_reason"][i])
-        for name in USAGE:
-            tally.extra["llm"][name.lstrip("_")] += columns[name][i]
-
-
 def cost(usage, price: dict) -> float:
     return (usage["prompt_tokens"] * price["input"] + usage["completion_tokens"] * price["output"]) / 1000
 
@@ -244,5 +231,4 @@ def cost_line(tally: Tally, price: dict) -> str:
 
 
 def succeeded(manifest: dict) -> bool:
-    counts = manifest["counts"]
-    return counts["read"] == counts["written"] + counts["quarantined"] + counts["dead_lettered"]
+    return all_accounted(manifest["counts"])

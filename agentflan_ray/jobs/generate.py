@@ -28,7 +28,7 @@ from agentflan_ray.reading.plan import FileRange, ReadTask, plan_read_tasks
 from agentflan_ray.reading.turns import record_id
 from agentflan_ray.records import STREAMS, Quarantined, RecordError
 from agentflan_ray.storage import s3_endpoint
-from agentflan_ray.writing.accounting import Progress, Tally
+from agentflan_ray.writing.accounting import Progress, Tally, all_accounted
 from agentflan_ray.writing.manifest import build_manifest, finish_output, start_output
 from agentflan_ray.writing.shards import QUARANTINE, ShardWriter, sample_schema
 
@@ -221,6 +221,4 @@ def run(config: GenerateConfig, log=print, prepared: list[ReadTask] | None = Non
 
 
 def succeeded(manifest: dict) -> bool:
-    """Every record read was written or quarantined, per source."""
-    return all(c["read"] == c["written"] + c["quarantined"] + c["dead_lettered"]
-               for c in manifest["counts"]["per_source"].values())
+    return all_accounted(manifest["counts"])

@@ -76,7 +76,8 @@ class LLMStage:
 
     def __init__(self, task, schema: pa.Schema, llm: LLMConfig, storage: StorageConfig, cache_uri: str = "",
                  budget=None, api_key: Secret | None = None):
-        self.task, self.schema, self.llm, self.storage = task, schema, llm, storage
+        self.task, self.llm, self.storage = task, llm, storage
+        self.schema = pa.unify_schemas([schema, BOOKKEEPING])  # the task's rows plus bookkeeping
         self.cache_uri, self.budget, self.api_key = cache_uri, budget, api_key
         self.client = self.cache = self.semaphore = None
 
@@ -90,7 +91,7 @@ class LLMStage:
             self._setup()
         results = await asyncio.gather(*(self._one(row) for row in batch.to_pylist()))
         rows = [row for result in results for row in result]
-        return pa.Table.from_pylist(rows, schema=pa.unify_schemas([self.schema, BOOKKEEPING]))
+        return pa.Table.from_pylist(rows, schema=self.schema)
 
     async def _one(self, row: dict) -> list[dict]:
         usage = Usage()
@@ -154,6 +155,22 @@ def failure_reason(exc: BaseException) -> str:
         return f"http_{status}"
     name = type(exc).__name__
     return {"APITimeoutError": "timeout", "APIConnectionError": "connection_error"}.get(name, "request_failed")
+
+
+def account_rows(table: pa.Table, tally, source: str) -> int:
+    """Count each input row of a stage's output once (at its first output row) in ``tally``: read,
+    its outcome and reason, its usage (under ``tally.extra["llm"]``). Returns the input rows counted."""
+    columns = table.select(["_first", "_outcome", "_reason", *USAGE]).to_pydict()
+    counted = 0
+    for i, first in enumerate(columns["_first"]):
+        if not first:
+            continue
+        counted += 1
+        tally.read(source)
+        tally.outcome(source, columns["_outcome"][i], columns["_reason"][i])
+        for name in USAGE:
+            tally.extra["llm"][name.lstrip("_")] += columns[name][i]
+    return counted
 
 
 def strip_bookkeeping(table: pa.Table) -> pa.Table:

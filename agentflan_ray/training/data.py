@@ -1,6 +1,6 @@
 """Generated shards -> packed training rows, in Ray Data, before any worker starts.
 
-    read_parquet(<data>/<stream>/part-*.parquet, quarantine excluded)
+    read_parquet(the sample shards <data>/manifest.json lists, quarantine excluded)
       + _order = hash(seed, id)        a seeded shuffle that does not depend on read order
       + _group = range of _order       ~512 samples each, decided by the samples alone
       .groupby(_group).map_groups(TokenizeAndPack)

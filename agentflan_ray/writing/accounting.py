@@ -51,9 +51,6 @@ class Tally:
     def total(self, key: str) -> int:
         return sum(counts[key] for counts in self.records.values())
 
-    def balanced(self) -> bool:
-        return all(c["read"] == sum(c[o] for o in OUTCOMES) for c in self.records.values())
-
     def counts(self) -> dict:
         """The manifest's ``counts``: totals, per source, per reason."""
         keys = ("read", *OUTCOMES)
@@ -66,6 +63,11 @@ class Tally:
             "per_reason": dict(sorted(per_reason.items())),
             "per_source_reason": {s: dict(sorted(c.items())) for s, c in sorted(self.reasons.items())},
         }
+
+
+def all_accounted(counts: dict) -> bool:
+    """A manifest's ``counts``: every row read ended written, quarantined or dead-lettered, per source."""
+    return all(c["read"] == sum(c[o] for o in OUTCOMES) for c in counts["per_source"].values())
 
 
 class Progress:
