@@ -144,7 +144,10 @@ def test_rerun_after_a_kill_pays_nothing_for_answered_requests(ray_session, simu
     # The killed driver's actors on this test's Ray die with it; the simulator still answers what
     # they had sent (nobody reads it, nobody caches it).
     wait_until(lambda: not other_jobs_actors(), 60, "the killed job's actors to die", debug=other_jobs_actors)
-    wait_until(lambda: server.stats()["in_flight"] == 0, 30, "the simulator to answer what was in flight")
+    # What they had sent may still sit unread in the simulator's sockets: wait until it has answered
+    # everything and every connection of the killed job is closed.
+    wait_until(lambda: (s := server.stats())["in_flight"] == 0 and s["other_connections"] == 0, 30,
+               "the simulator to answer what was in flight", debug=server.stats)
     answered_before = server.stats()["answered"]
     cached = len(list((out / "llm_cache").rglob("*.json")))
     assert 50 <= answered_before < 150 and cached >= 40

@@ -87,6 +87,7 @@ class Simulator:
         self.requests = Bucket(config.rpm, config.burst_s) if config.rpm else None
         self.tokens = Bucket(config.tpm, config.burst_s) if config.tpm else None
         self.in_flight = 0  # requests being answered now (not reset with the statistics)
+        self.connections = lambda: 0  # open client connections; set by whoever runs the app
         self.reset()
 
     def reset(self) -> None:
@@ -131,6 +132,7 @@ class Simulator:
             "faults": dict(self.faults),
             "answered": sum(self.answered.values()),
             "in_flight": self.in_flight,
+            "other_connections": max(self.connections() - 1, 0),  # open connections besides this request's
             "unique_prompts_answered": len(self.answered),
             "repeated_answers": sum(n - 1 for n in self.answered.values() if n > 1),
             "prompt_tokens": self.prompt_tokens,
@@ -155,6 +157,15 @@ class Simulator:
         return headers
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        # In flight from the moment the request is handled until it is answered: a client that went
+        # away still gets (and is counted) an answer.
+        self.in_flight += 1
+        try:
+            return await self._chat(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         if (denied := self._auth_error(request)) is not None:
             return denied
         try:
@@ -178,13 +189,9 @@ class Simulator:
 
         fault = self._draw_fault()
         latency = self.config.latency_s * (1 + self.random.uniform(-1, 1) * self.config.latency_jitter)
-        self.in_flight += 1  # until answered: a client that went away still gets (and is counted) an answer
-        try:
-            await asyncio.sleep(max(latency, 0.0))
-            if fault == "hang":
-                await asyncio.sleep(self.config.hang_s)
-        finally:
-            self.in_flight -= 1
+        await asyncio.sleep(max(latency, 0.0))
+        if fault == "hang":
+            await asyncio.sleep(self.config.hang_s)
         if fault in ("error_500", "error_503"):
             status = 500 if fault == "error_500" else 503
             return self._error(status, "server_error", "The server had an error while processing your request.")
@@ -240,8 +247,10 @@ def reply_text(messages: list[dict], response_format, digest: str) -> str:
 
 
 async def serve(config: SimulatorConfig, ready: asyncio.Event | None = None) -> None:
-    runner = web.AppRunner(Simulator(config).app(), access_log=None)
+    simulator = Simulator(config)
+    runner = web.AppRunner(simulator.app(), access_log=None)
     await runner.setup()
+    simulator.connections = lambda: len(runner.server.connections)
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
     if ready is not None:
@@ -276,6 +285,7 @@ class SimulatorServer:
             asyncio.set_event_loop(self.loop)
             self.runner = web.AppRunner(self.simulator.app(), access_log=None)
             self.loop.run_until_complete(self.runner.setup())
+            self.simulator.connections = lambda: len(self.runner.server.connections)
             site = web.TCPSite(self.runner, self.config.host, self.config.port)
             self.loop.run_until_complete(site.start())
             port = self.runner.addresses[0][1]
