@@ -117,6 +117,9 @@ class Sample:
     stream: str
     messages: list[Message]
     tools: str = "[]"
+    # JSON text saying how the prose was written (`rewrite: llm`: model, prompt version, pieces that
+    # fell back and why); None for template mode.
+    meta: str | None = None
 
     def to_row(self) -> dict:
         return {
@@ -126,7 +129,13 @@ class Sample:
             "stream": self.stream,
             "messages": [m.to_dict() for m in self.messages],
             "tools": self.tools,
+            "meta": self.meta,
         }
+
+    @classmethod
+    def from_row(cls, row: dict) -> Sample:
+        return cls(row["id"], row["source"], row["source_id"], row["stream"],
+                   [Message(**m) for m in row["messages"]], row["tools"], row.get("meta"))
 
     def __post_init__(self):
         if self.stream not in STREAMS:
@@ -171,6 +180,7 @@ SAMPLE_SCHEMA = pa.schema(
         ("stream", pa.string()),
         ("messages", pa.list_(MESSAGE_TYPE)),
         ("tools", pa.string()),
+        ("meta", pa.string()),
     ]
 )
 

@@ -77,7 +77,7 @@ def test_overrides_reach_nested_keys_and_parse_values():
         ("toolbench_split.react=0.5", "toolbench_split: shares must add up to 1"),
         ("inputs=[{format: csv, path: x}]", "inputs[0].format: must be one of"),
         ("inputs=[{format: sharegpt}]", "inputs[0]: missing key 'path'"),
-        ("rewrite=llm", "rewrite: 'llm' is not available"),
+        ("rewrite=gpt4", "rewrite: must be one of"),
         ("storage.bucket=x", "storage.bucket: unknown key"),
         ("noequals", "expected key=value"),
     ],

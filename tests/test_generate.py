@@ -47,7 +47,8 @@ def test_demo_data_every_record_accounted_for(ray_session, sample_data, tmp_path
     quarantine = pq.read_table(out / "quarantine").to_pylist()
     assert sorted(r["reason"] for r in quarantine) == ["toolbench_give_up"] * 3 + ["toolbench_invalid_data"]
     samples = pq.read_table(out / "tflan_decomposed").to_pylist()
-    assert set(samples[0]) == {"id", "source", "source_id", "stream", "messages", "tools"}
+    assert set(samples[0]) == {"id", "source", "source_id", "stream", "messages", "tools", "meta"}
+    assert samples[0]["meta"] is None  # template mode
     assert manifest["samples"]["total"] == sum(f["rows"] for f in manifest["files"] if not f["path"].startswith("quarantine"))
     tokens = manifest["trained_tokens"]
     assert tokens["after_balancing"]["retrieval"] < tokens["before_balancing"]["retrieval"]
@@ -136,7 +137,7 @@ def test_cli_runs_in_process_on_the_shared_cluster(ray_session, sample_data, tmp
     "args, message",
     [
         (["seed=x"], "seed: expected an integer"),
-        (["rewrite=llm"], "rewrite: 'llm' is not available"),
+        (["rewrite=llm", "llm.api_key_env=AGENTFLAN_TEST_UNSET_KEY"], "$AGENTFLAN_TEST_UNSET_KEY is not set"),
         (["inputs=[{format: sharegpt, path: /nonexistent/dir/x.json}]"], "input not found: /nonexistent/dir/x.json"),
     ],
 )

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 from agentflan_ray.aligning import templates as T
+from agentflan_ray.aligning.prompts import Prose, say
 from agentflan_ray.aligning.split import rng_for
 from agentflan_ray.records import EnvTrajectory, Message, RecordError, Sample
 
@@ -104,8 +105,8 @@ def _parse_db(text: str) -> EnvAction:
     return EnvAction(thought, "answer", answer["a"])
 
 
-def render_env_action(action: EnvAction, rng) -> str:
-    thought = action.thought
+def render_env_action(action: EnvAction, rng, thought: str | None = None) -> str:
+    thought = action.thought if thought is None else thought
     if action.kind in ("bash", "sql"):
         body = f"{rng.choice(T.ENV_CONNECTIVES[action.kind])}\n```{action.kind}\n{action.payload}\n```"
     elif action.kind == "action":
@@ -145,7 +146,7 @@ def render_agentinstruct(t: EnvTrajectory, seed: int, streams: list[str]) -> lis
     return samples
 
 
-def render_env_tflan(t: EnvTrajectory, seed: int) -> list[Message]:
+def render_env_tflan(t: EnvTrajectory, seed: int, prose: Prose | None = None) -> list[Message]:
     rng = rng_for(seed, t.id, "agent_instruct_tflan")
     messages = [Message("system", T.ENV_SYSTEM[t.env])]
     task = split_instruction(t.env, t.messages[0].content)
@@ -155,9 +156,12 @@ def render_env_tflan(t: EnvTrajectory, seed: int) -> list[Message]:
         messages.append(Message("user", task))
     elif body and body[0].role != "user":
         raise RecordError("roles_out_of_order", "no task turn after the instruction")
-    for message in body:
+    for step, message in enumerate(body):
         if message.role == "assistant":
-            text = render_env_action(parse_env_action(t.env, message.content), rng)
+            action = parse_env_action(t.env, message.content)
+            thought = say(prose, f"s{step}.env_thought", "env_thought", action.thought, step=step) \
+                if action.thought else None
+            text = render_env_action(action, rng, thought)
             messages.append(Message("assistant", text, loss=message.loss))
         else:
             messages.append(Message(message.role, message.content))

@@ -20,6 +20,7 @@ import json
 import random
 
 from agentflan_ray.aligning import templates as T
+from agentflan_ray.aligning.prompts import Prose, say
 from agentflan_ray.aligning.split import rng_for, unit_hash
 from agentflan_ray.reading.toolbench import FINISH
 from agentflan_ray.records import Message, Sample, Step, ToolTrajectory, tools_json
@@ -65,36 +66,45 @@ def _head(system: str, t: ToolTrajectory) -> list[Message]:
     return [Message("system", system), Message("user", t.query)]
 
 
-def render_tflan_cot(t: ToolTrajectory, seed: int) -> Sample:
+def render_tflan_cot(t: ToolTrajectory, seed: int, prose: Prose | None = None) -> Sample:
     rng = rng_for(seed, t.id, "tflan_cot")
     messages = _head(aligned_system_prompt(t.tools), t)
-    for step in t.steps:
+    for i, step in enumerate(t.steps):
         if step.call.name == FINISH:
-            messages.append(Message("assistant", _final_turn(step, t), loss=True))
+            messages.append(Message("assistant", say(prose, f"s{i}.final", "final", _final_turn(step, t), step=i),
+                                    loss=True))
             continue
         name = qualified_name(step.call.name)
         call = repr({"name": name, "parameters": step.call.arguments})
-        connective = rng.choice(T.COT_CONNECTIVES).format(name=name)
-        text = f"{thought_of(step, rng)} {connective}\n```python\n{call}\n```"
+        connective = say(prose, f"s{i}.connective", "connective", rng.choice(T.COT_CONNECTIVES).format(name=name),
+                         name, i)
+        thought = say(prose, f"s{i}.thought", "thought", thought_of(step, rng), name, i)
+        text = f"{thought} {connective}\n```python\n{call}\n```"
         messages += [Message("assistant", text, loss=True), Message("user", step.observation)]
     return _sample(t, "tflan_cot", messages)
 
 
-def render_tflan_decomposed(t: ToolTrajectory, seed: int) -> Sample:
+def render_tflan_decomposed(t: ToolTrajectory, seed: int, prose: Prose | None = None) -> Sample:
     rng = rng_for(seed, t.id, "tflan_decomposed")
     messages = _head(aligned_system_prompt(t.tools), t)
-    for step in t.steps:
+    for i, step in enumerate(t.steps):
         if step.call.name == FINISH:
-            messages.append(Message("assistant", _final_turn(step, t), loss=True, capability="reasoning"))
+            final = say(prose, f"s{i}.final", "final", _final_turn(step, t), step=i)
+            messages.append(Message("assistant", final, loss=True, capability="reasoning"))
             continue
         name = qualified_name(step.call.name)
         lead = rng.choice(T.ARGUMENT_LEADS)
         arguments = f"```json\n{json.dumps(step.call.arguments, ensure_ascii=False)}\n```"
+        thought = say(prose, f"s{i}.thought", "thought", thought_of(step, rng), name, i)
+        elicit_tool = say(prose, f"s{i}.elicit_tool", "elicit_tool", rng.choice(T.ELICIT_TOOL), name, i)
+        retrieval = rng.choice(T.RETRIEVAL_ANSWERS).format(name=name)
+        elicit_arguments = say(prose, f"s{i}.elicit_arguments", "elicit_arguments", rng.choice(T.ELICIT_ARGUMENTS),
+                               name, i)
         messages += [
-            Message("assistant", thought_of(step, rng), loss=True, capability="reasoning"),
-            Message("user", rng.choice(T.ELICIT_TOOL)),
-            Message("assistant", rng.choice(T.RETRIEVAL_ANSWERS).format(name=name), loss=True, capability="retrieval"),
-            Message("user", rng.choice(T.ELICIT_ARGUMENTS)),
+            Message("assistant", thought, loss=True, capability="reasoning"),
+            Message("user", elicit_tool),
+            Message("assistant", retrieval, loss=True, capability="retrieval"),
+            Message("user", elicit_arguments),
             Message("assistant", f"{lead}\n{arguments}".strip(), loss=True, capability="understanding"),
             Message("user", step.observation),
         ]

@@ -56,8 +56,9 @@ def observations(messages: list[Message], after_call) -> list[str]:
     return result
 
 
-def check_toolbench_sample(sample: Sample, source: ToolTrajectory) -> list[str]:
-    """Return the faithfulness problems of an aligned ToolBench sample (empty when faithful)."""
+def check_toolbench_sample(sample: Sample, source: ToolTrajectory, final_rewritten: bool = False) -> list[str]:
+    """Return the faithfulness problems of an aligned ToolBench sample (empty when faithful). With
+    ``final_rewritten`` the final answer may be reworded (its facts are checked piece by piece)."""
     problems = []
     expected = [(qualified_name(s.call.name), s.call.arguments) for s in source.steps if s.call.name != FINISH]
     expected_obs = [s.observation for s in source.steps if s.call.name != FINISH]
@@ -78,6 +79,23 @@ def check_toolbench_sample(sample: Sample, source: ToolTrajectory) -> list[str]:
     if found_obs != expected_obs:
         problems.append("observations differ from the source")
     final = sample.messages[-1]
-    if final.role != "assistant" or source.final_answer not in final.content:
+    if final.role != "assistant" or not (final_rewritten or source.final_answer in final.content):
         problems.append("the final answer is not the last assistant turn")
+    return problems
+
+
+def check_env_sample(sample: Sample, actions: Sample) -> list[str]:
+    """The faithfulness problems of an `agent_instruct_tflan` sample whose thoughts were rewritten,
+    against ``actions``, the same rendering with every thought left out: each agent turn must end
+    with exactly its action (the same fenced blocks, none added) and every other turn be unchanged."""
+    if [m.role for m in sample.messages] != [m.role for m in actions.messages]:
+        return ["turns differ from the source"]
+    problems = []
+    for i, (turn, action) in enumerate(zip(sample.messages, actions.messages, strict=True)):
+        if turn.role != "assistant":
+            if turn.content != action.content:
+                problems.append(f"turn {i}: a {turn.role} turn changed")
+        elif not turn.content.endswith(action.content) or \
+                len(ANY_BLOCK.findall(turn.content)) != len(ANY_BLOCK.findall(action.content)):
+            problems.append(f"turn {i}: the action differs from the source")
     return problems

@@ -31,8 +31,8 @@ import ray
 from agentflan_ray.config import ConfigError, JobConfig
 from agentflan_ray.llm.budget import create_budget
 from agentflan_ray.llm.client import LLMClient, Secret
-from agentflan_ray.llm.settings import LLMConfig
-from agentflan_ray.llm.stage import BadInput, LLMStage, account_rows
+from agentflan_ray.llm.settings import LLMConfig, cost, price_per_1k
+from agentflan_ray.llm.stage import BadInput, LLMStage, account_rows, cost_line
 from agentflan_ray.storage import expand, filesystem, join, s3_endpoint
 from agentflan_ray.writing.accounting import Progress, Tally, all_accounted
 from agentflan_ray.writing.manifest import build_manifest, finish_output, start_output
@@ -143,11 +143,6 @@ def _format(value):
     return value if isinstance(value, dict) and value else None
 
 
-def price_per_1k(prices: dict, model: str) -> dict:
-    match = max((name for name in prices if model.startswith(name)), key=len, default=None)
-    return prices[match] if match else {"input": 0.0, "output": 0.0}
-
-
 def preflight(config: ChatConfig) -> tuple[list[str], LLMClient]:
     """On the driver, before Ray starts: the input files, and one cheap call that stops a bad key,
     an unknown model or an unreachable URL in a second."""
@@ -219,15 +214,6 @@ def run(config: ChatConfig, log=print, prepared: tuple[list[str], LLMClient] | N
         f"{counts['dead_lettered']:,} dead letters, {counts['quarantined']:,} quarantined, "
         f"{usage['prompt_tokens'] + usage['completion_tokens']:,} tokens, ${cost(usage, price):.4f}")
     return manifest
-
-
-def cost(usage, price: dict) -> float:
-    return (usage["prompt_tokens"] * price["input"] + usage["completion_tokens"] * price["output"]) / 1000
-
-
-def cost_line(tally: Tally, price: dict) -> str:
-    usage = tally.extra["llm"]
-    return f"{usage['prompt_tokens'] + usage['completion_tokens']:,} tokens · ${cost(usage, price):.4f} so far"
 
 
 def succeeded(manifest: dict) -> bool:

@@ -2,32 +2,56 @@
 
 Read top to bottom, the job is::
 
-    plan_read_tasks        list input files on the driver, cut them into deterministic read tasks
+    preflight              list input files on the driver, cut them into deterministic read tasks;
+                           with `rewrite: llm` also check the API key and model with one call
     ray.data.from_items    one row per read task
       .map(run_read_task)  on workers: stream records -> parse -> align -> balance -> Parquet shards
+                           (`rewrite: llm`: samples of REWRITE_STREAMS are queued instead, as
+                           trajectory rows in rewrite_queue/)
+    rewrite_queued         `rewrite: llm` only: read_parquet(queue) -> map_batches(LLMStage, RewriteTask)
+                           on an actor pool -> the driver balances and writes them in queue order
     merge tallies          every record read is counted as written or quarantined, per source
-    finish_output          a rerun replaces the files of its own folders, then the manifest, last
+    finish_output          a rerun replaces the files of its own folders (the queue goes), then the
+                           manifest, last
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import posixpath
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
+import pyarrow.fs as pafs
 import ray
 
 from agentflan_ray.aligning.align import align
+from agentflan_ray.aligning.prompts import PROMPT_VERSION
+from agentflan_ray.aligning.rewrite import QUEUE, QUEUE_SCHEMA, REWRITE_STREAMS, RewriteTask
 from agentflan_ray.balancing.balance import BalanceConfig, balance_sample, trained_tokens
 from agentflan_ray.config import ConfigError, JobConfig
+from agentflan_ray.llm.budget import create_budget
+from agentflan_ray.llm.client import LLMClient, Secret
+from agentflan_ray.llm.settings import LLMConfig, cost, price_per_1k
+from agentflan_ray.llm.stage import LLMStage, account_rows, cost_line
 from agentflan_ray.reading.decode import PREVIEW, RawRecord, iter_raw_records
 from agentflan_ray.reading.parse import parse_record
 from agentflan_ray.reading.plan import FileRange, ReadTask, plan_read_tasks
 from agentflan_ray.reading.turns import record_id
-from agentflan_ray.records import STREAMS, Quarantined, RecordError
-from agentflan_ray.storage import s3_endpoint
+from agentflan_ray.records import (
+    STREAMS,
+    EnvTrajectory,
+    Quarantined,
+    RecordError,
+    Sample,
+    ToolTrajectory,
+    trajectory_to_row,
+)
+from agentflan_ray.storage import filesystem, join, s3_endpoint
 from agentflan_ray.writing.accounting import Progress, Tally, all_accounted
 from agentflan_ray.writing.manifest import build_manifest, finish_output, start_output
 from agentflan_ray.writing.shards import QUARANTINE, ShardWriter, sample_schema
@@ -72,7 +96,9 @@ class GenerateConfig(JobConfig):
 
     inputs: list[InputSpec] = field(default_factory=list)
     output: str = "./out/run1"
+    # template: stock phrasing, no API call; llm: the prose of REWRITE_STREAMS written through `llm`
     rewrite: Literal["template", "llm"] = "template"
+    llm: LLMConfig = field(default_factory=LLMConfig)
     seed: int = 0
     toolbench_split: ToolBenchSplit = field(default_factory=ToolBenchSplit)
     # Fraction of ToolBench trajectories that also yield one `instruct` (format-following) sample.
@@ -93,11 +119,6 @@ class GenerateConfig(JobConfig):
             raise ConfigError("inputs: at least one input is required")
         if not self.output:
             raise ConfigError("output: must not be empty")
-        if self.rewrite == "llm":
-            raise ConfigError(
-                "rewrite: 'llm' is not available in this version yet (the LLM rewrite stage ships with "
-                "the rate-limited client); use rewrite=template"
-            )
         if not 0.0 <= self.instruct_share <= 1.0:
             raise ConfigError(f"instruct_share: must be within [0, 1], got {self.instruct_share}")
         for name in self.agentinstruct_streams:
@@ -115,13 +136,18 @@ class GenerateConfig(JobConfig):
 
 Config = GenerateConfig
 NAME = "generate"
-FOLDERS = (*STREAMS, QUARANTINE)  # the only folders of its root this job writes or cleans
+FOLDERS = (*STREAMS, QUARANTINE, QUEUE)  # the only folders of its root this job writes or cleans
+REWRITE_ROWS_PER_FILE = 100_000
+
+
+def shard_schema(folder: str):
+    return QUEUE_SCHEMA if folder == QUEUE else sample_schema(folder)
 
 
 def run_read_task(row: dict, config: GenerateConfig) -> dict:
     task = ReadTask.from_row(row)
     tally = Tally()
-    writer = ShardWriter(config.output, config.storage, sample_schema, config.row_group_rows, first_part=task.index)
+    writer = ShardWriter(config.output, config.storage, shard_schema, config.row_group_rows, first_part=task.index)
     ratios = config.balance.resolved()
     for piece in task.ranges:
         for raw in iter_raw_records(piece, config):
@@ -155,12 +181,25 @@ def process_raw_record(raw: RawRecord, piece: FileRange, config, ratios, writer,
     if not samples:
         return Quarantined(piece.source, source_id, "no_samples", "the record produced no sample", piece.name)
     for sample in samples:
-        tally.extra["tokens_before"].update(trained_tokens(sample))
-        sample = balance_sample(sample, ratios, config.seed)
-        tally.extra["tokens_after"].update(trained_tokens(sample))
-        tally.extra["samples"][sample.stream] += 1
-        writer.add(sample.stream, sample.to_row())
+        if config.rewrite == "llm" and rewritable(trajectory, sample):  # its prose is written later
+            writer.add(QUEUE, {**trajectory_to_row(trajectory), "target": sample.stream})
+            tally.extra["rewrite"]["queued"] += 1
+            continue
+        write_sample(sample, ratios, config.seed, writer, tally)
     return None
+
+
+def rewritable(trajectory, sample: Sample) -> bool:
+    """Samples rendered from a parsed trajectory (not the release's already-aligned conversations)."""
+    return sample.stream in REWRITE_STREAMS and isinstance(trajectory, ToolTrajectory | EnvTrajectory)
+
+
+def write_sample(sample: Sample, ratios: dict, seed: int, writer: ShardWriter, tally: Tally) -> None:
+    tally.extra["tokens_before"].update(trained_tokens(sample))
+    sample = balance_sample(sample, ratios, seed)
+    tally.extra["tokens_after"].update(trained_tokens(sample))
+    tally.extra["samples"][sample.stream] += 1
+    writer.add(sample.stream, sample.to_row())
 
 
 def _preview(value) -> str:
@@ -170,21 +209,26 @@ def _preview(value) -> str:
         return repr(value)[:PREVIEW]
 
 
-def preflight(config: GenerateConfig) -> list[ReadTask]:
-    """On the driver, before Ray starts: every input matches files, which are cut into read tasks."""
+def preflight(config: GenerateConfig) -> tuple[list[ReadTask], LLMClient | None]:
+    """On the driver, before Ray starts: every input matches files, which are cut into read tasks;
+    with `rewrite: llm`, one cheap call stops a bad key, an unknown model or an unreachable URL."""
     if not config.storage.endpoint_url:
         # Resolve once on the driver so every worker reaches the same S3 endpoint.
         config.storage.endpoint_url = s3_endpoint(config.storage)
     tasks, unmatched = plan_read_tasks(config)
     if unmatched:
         raise FileNotFoundError("inputs: " + "; ".join(f"{path} matched no file" for path in unmatched))
-    return tasks
+    probe = None
+    if config.rewrite == "llm":
+        probe = LLMClient(config.llm)
+        asyncio.run(probe.preflight())
+    return tasks, probe
 
 
-def run(config: GenerateConfig, log=print, prepared: list[ReadTask] | None = None) -> dict:
+def run(config: GenerateConfig, log=print, prepared: tuple[list[ReadTask], LLMClient | None] | None = None) -> dict:
     """Run the job on the connected Ray cluster (``ray.init`` is the caller's) and return the manifest."""
     started = time.monotonic()
-    tasks = preflight(config) if prepared is None else prepared
+    tasks, probe = preflight(config) if prepared is None else prepared
     start_output(config.output, config.storage)
     log(f"[generate] {len(tasks)} read tasks over {sum(len(t.ranges) for t in tasks)} file pieces -> {config.output}")
     tally = Tally()
@@ -199,6 +243,12 @@ def run(config: GenerateConfig, log=print, prepared: list[ReadTask] | None = Non
         for row in results.iter_rows():
             tally.merge(row["stats"])
             progress.update(tally)
+    rewrite = None
+    queue = sorted(path for path in tally.files if path.startswith(QUEUE + "/"))
+    for path in queue:  # working files, removed when the job finishes
+        del tally.files[path]
+    if probe is not None:
+        rewrite = rewrite_queued(config, queue, probe, len(tasks), tally, log)
     extra = tally.extra
     manifest = build_manifest(
         NAME, config, tally,
@@ -210,14 +260,91 @@ def run(config: GenerateConfig, log=print, prepared: list[ReadTask] | None = Non
             "after_balancing": dict(sorted(extra["tokens_after"].items())),
         },
         notes=dict(sorted(extra["notes"].items())),
+        rewrite=rewrite or {"mode": "template"},
     )
     finish_output(config.output, config.storage, FOLDERS, manifest)
+    remove_if_empty(config.output, config.storage, QUEUE)
     counts = manifest["counts"]
     log(
         f"[generate] done in {time.monotonic() - started:.1f}s: read {counts['read']}, written {counts['written']}, "
         f"quarantined {counts['quarantined']}; samples {manifest['samples']['total']}"
     )
     return manifest
+
+
+def remove_if_empty(root: str, storage, folder: str) -> None:
+    """A local working folder left empty (S3 has no folders)."""
+    fs, base = filesystem(root, storage)
+    path = posixpath.join(base, folder)
+    if fs.get_file_info(path).type == pafs.FileType.Directory and \
+            not fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        fs.delete_dir(path)
+
+
+def rewrite_queued(config: GenerateConfig, queue: list[str], probe: LLMClient, first_part: int, tally: Tally,
+                   log) -> dict:
+    """The queued trajectories through the LLM stage; their samples balanced and written in queue
+    order (so a rerun answered from the cache writes the same bytes). The manifest's `rewrite`."""
+    llm, queued = config.llm, tally.extra["rewrite"]["queued"]
+    price = price_per_1k(llm.prices, probe.model)
+    asked = Tally()  # one "row" per queued trajectory: written, or dead-lettered (then its template)
+    status, pieces, samples = Counter(), Counter(), Counter()  # per sample; fallen-back pieces; whole samples
+    budget_stats = None
+    log(f"[generate] rewriting {queued:,} trajectories with {probe.model} ({llm.actors} actors x "
+        f"{llm.concurrency} in flight, rpm {llm.rpm or 'learned/none'})")
+    started = time.monotonic()
+    if queue:
+        budget = create_budget(llm.rpm, llm.tpm, llm.burst_s, llm.learn_limits)
+        context = ray.data.DataContext.get_current()
+        preserve_order = context.execution_options.preserve_order
+        context.execution_options.preserve_order = True  # rows come back in queue order
+        try:
+            fs, _ = filesystem(config.output, config.storage)
+            dataset = ray.data.read_parquet([join(config.output, path) for path in queue], filesystem=fs,
+                                            num_cpus=0.25)
+            results = dataset.map_batches(
+                LLMStage,
+                fn_constructor_kwargs={"task": RewriteTask(config.seed, probe.model),
+                                       "schema": sample_schema(""), "llm": llm, "storage": config.storage,
+                                       "cache_uri": join(config.output, "llm_cache"), "budget": budget,
+                                       "api_key": Secret(probe.api_key)},
+                batch_size=llm.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=llm.actors),
+                num_cpus=0.25, scheduling_strategy="SPREAD",
+            )
+            writer = ShardWriter(config.output, config.storage, sample_schema, config.row_group_rows,
+                                 first_part=first_part, rows_per_file=REWRITE_ROWS_PER_FILE)
+            ratios = config.balance.resolved()
+            progress = Progress(NAME, queued, "trajectories rewritten", log, config.progress,
+                                detail=lambda t: cost_line(t, price))
+            for table in results.iter_batches(batch_format="pyarrow", batch_size=None):
+                done = account_rows(table, asked, "rewrite")
+                for row in table.to_pylist():
+                    sample = Sample.from_row(row)
+                    meta = json.loads(sample.meta)
+                    status[meta["status"]] += 1
+                    pieces.update(meta["fallbacks"].values())
+                    if "fallback" in meta:
+                        samples[meta["fallback"].split(":", 1)[0]] += 1
+                    write_sample(sample, ratios, config.seed, writer, tally)
+                progress.update(asked, done)
+            tally.files.update(writer.close())
+            budget_stats = ray.get(budget.stats.remote()) if budget is not None else None
+        finally:
+            context.execution_options.preserve_order = preserve_order
+    usage = asked.extra["llm"]
+    tokens = usage["prompt_tokens"] + usage["completion_tokens"]
+    return {
+        "mode": "llm", "model": probe.model, "prompt_version": PROMPT_VERSION,
+        "trajectories": queued, "asked": asked.total("read"),
+        "rewritten": status["rewritten"], "partly_rewritten": status["partial"], "template": status["template"],
+        "fell_back": {"pieces_by_reason": dict(sorted(pieces.items())), "samples_by_reason": dict(sorted(samples.items()))},
+        "dead_lettered": asked.counts()["per_reason"],
+        **{k: usage[k] for k in ("requests", "cached", "reasks", "prompt_tokens", "completion_tokens")},
+        "tokens_per_trajectory": round(tokens / max(asked.total("read") - usage["cached"], 1), 1),
+        "cost_usd": round(cost(usage, price), 6),
+        "seconds": round(time.monotonic() - started, 3),
+        "budget": budget_stats,
+    }
 
 
 def succeeded(manifest: dict) -> bool:

@@ -1,8 +1,9 @@
 """Replies cached by a hash of everything that determines them, beside the output (local or s3://).
 
-A rerun after a crash, or with more input, pays nothing for requests already answered. Only
-replies that passed validation are stored; one small JSON file per reply, under a two-character
-fan-out directory.
+A rerun after a crash, or with more input, pays nothing for requests already answered. Replies
+that passed validation are stored, and so is a reply still rejected after its re-asks (marked
+``rejected``: a rerun makes the same decision without asking again); one small JSON file per reply,
+under a two-character fan-out directory.
 """
 
 from __future__ import annotations

@@ -52,11 +52,12 @@ class FatalLLMError(RuntimeError):
 
 
 class ReplyRejected(Exception):
-    """A reply still failing validation after ``max_reasks`` re-asks."""
+    """A reply still failing validation after ``max_reasks`` re-asks; ``last`` is that reply (its
+    tokens are those of every reply asked for), so a caller can still use what of it is sound."""
 
-    def __init__(self, message: str, attempts: int = 0, reasks: int = 0):
+    def __init__(self, message: str, attempts: int = 0, reasks: int = 0, last: Completion | None = None):
         super().__init__(message)
-        self.attempts, self.reasks = attempts, reasks
+        self.attempts, self.reasks, self.last = attempts, reasks, last
 
 
 REASK = ("Your reply could not be used: {problem}. Reply again to the request above, following its "
@@ -168,19 +169,23 @@ class LLMClient:
         named, up to ``max_reasks`` times. Raises ``ReplyRejected`` after that, or on a dead letter."""
         wants_json = bool(response_format and response_format.get("type") == "json_object")
         checks = [c for c in (validate, self.validator) if c is not None]
-        attempts, asked, problem = 0, list(messages), ""
+        attempts, asked, problem, tokens = 0, list(messages), "", [0, 0]
         for reask in range(self.config.max_reasks + 1):
             completion = await self._request(asked, response_format)
             attempts += completion.attempts
+            tokens[0] += completion.prompt_tokens
+            tokens[1] += completion.completion_tokens
+            # Every reply asked for is paid for: the one returned carries the tokens of all of them.
+            completion.prompt_tokens, completion.completion_tokens = tokens
+            completion.attempts, completion.reasks = attempts, reask
             problem = default_validation(completion, wants_json) or next(
                 (p for p in (check(completion) for check in checks) if p), None)
             if not problem:
-                completion.attempts, completion.reasks = attempts, reask
                 return completion
             asked = [*messages, {"role": "assistant", "content": completion.content},
                      {"role": "user", "content": REASK.format(problem=problem)}]
         raise ReplyRejected(f"reply rejected after {self.config.max_reasks} re-asks: {problem}", attempts,
-                            self.config.max_reasks)
+                            self.config.max_reasks, last=completion)
 
     async def _request(self, messages: list[dict], response_format: dict | None) -> Completion:
         estimate = sum(len(str(m.get("content") or "")) for m in messages) // 4 + self.config.max_tokens

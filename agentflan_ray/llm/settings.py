@@ -52,3 +52,14 @@ class LLMConfig:
         for model, price in self.prices.items():
             if not isinstance(price, dict) or set(price) != {"input", "output"}:
                 raise ConfigError(f"{key}.prices.{model}: expected {{input: USD per 1k tokens, output: ...}}")
+
+
+def price_per_1k(prices: dict, model: str) -> dict:
+    """The price entry of the longest model-name prefix that matches; free when none does."""
+    match = max((name for name in prices if model.startswith(name)), key=len, default=None)
+    return prices[match] if match else {"input": 0.0, "output": 0.0}
+
+
+def cost(usage, price: dict) -> float:
+    """USD for ``usage`` (a mapping with prompt_tokens and completion_tokens) at ``price``."""
+    return (usage["prompt_tokens"] * price["input"] + usage["completion_tokens"] * price["output"]) / 1000

@@ -9,7 +9,9 @@ Serves ``POST /v1/chat/completions`` and ``GET /v1/models`` like the real API, p
 Replies are deterministic functions of the request: the same messages always get the same text.
 A user message holding ``<<<ECHO>>>text<<<END>>>`` is answered with exactly ``text`` (so a pipeline
 can be dry-run with replies its validators accept); ``response_format: json_object`` gets a JSON
-object; otherwise a short sentence derived from the prompt's hash.
+object; otherwise a short sentence derived from the prompt's hash. A rewrite request (see
+``aligning/prompts.py``) gets plausible pieces, a ``--corrupt`` share of them wrong the ways real
+models go wrong (``sim_rewrite``; counted as ``corrupt_<kind>`` faults).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from aiohttp import web
+
+from agentflan_ray.llm import sim_rewrite
 
 ECHO = re.compile(r"<<<ECHO>>>(.*?)<<<END>>>", re.S)
 
@@ -43,9 +47,11 @@ class SimulatorConfig:
     hang_s: float = 30.0
     malformed: float = 0.0  # share answered 200 with a body that is not JSON
     length: float = 0.0  # share cut short with finish_reason "length"
+    corrupt: float = 0.0  # share of rewrite replies made wrong the ways real models go wrong
     api_key: str = ""  # when set, any other key gets 401
     models: list[str] = field(default_factory=lambda: ["sim-gpt-4"])
     seed: int = 0
+    context_tokens: int = 0  # when set, a longer prompt gets 400 context_length_exceeded, as real models do
 
 
 def estimate_tokens(text: str) -> int:
@@ -179,6 +185,10 @@ class Simulator:
             return self._error(404, "model_not_found", f"The model `{model}` does not exist.")
         prompt = json.dumps(messages, sort_keys=True, ensure_ascii=False)
         prompt_tokens = estimate_tokens(prompt)
+        if self.config.context_tokens and prompt_tokens > self.config.context_tokens:
+            return self._error(400, "context_length_exceeded",
+                               f"This model's maximum context length is {self.config.context_tokens} tokens. "
+                               f"However, your messages resulted in {prompt_tokens} tokens.")
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 256)
         for bucket, amount in ((self.requests, 1), (self.tokens, prompt_tokens + max_tokens)):
             if bucket is not None and (wait := bucket.take(amount)) > 0:
@@ -212,8 +222,12 @@ class Simulator:
 
     def _reply(self, body, messages, model, prompt, prompt_tokens, max_tokens, cut: bool) -> web.Response:
         digest = hashlib.sha256(prompt.encode()).hexdigest()
-        content = reply_text(messages, body.get("response_format"), digest)
-        finish = "stop"
+        if sim_rewrite.is_rewrite(messages):
+            content, finish, corrupted = sim_rewrite.rewrite_reply(messages, digest, self.config.corrupt)
+            if corrupted:
+                self.faults["corrupt_" + corrupted] += 1
+        else:
+            content, finish = reply_text(messages, body.get("response_format"), digest), "stop"
         if cut:
             content, finish = content[: max(1, len(content) // 2)], "length"
         completion_tokens = min(estimate_tokens(content), max_tokens)

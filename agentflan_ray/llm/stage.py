@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from agentflan_ray.llm.cache import ResponseCache, cache_key
 from agentflan_ray.llm.client import Completion, FatalLLMError, LLMClient, ReplyRejected, Secret
-from agentflan_ray.llm.settings import LLMConfig
+from agentflan_ray.llm.settings import LLMConfig, cost
 from agentflan_ray.storage import StorageConfig
 
 USAGE = ("_requests", "_cached", "_reasks", "_prompt_tokens", "_completion_tokens")
@@ -127,25 +127,42 @@ class LLMStage:
             if hit is not None:
                 completion = Completion(hit["content"], hit["finish_reason"], hit["prompt_tokens"],
                                         hit["completion_tokens"], attempts=0, cached=True)
-                if not (validate and validate(completion)):  # a validator may have grown stricter
+                problem = validate(completion) if validate else None
+                if not problem:
                     usage.cached += 1  # paid for by an earlier run: no tokens counted
                     return completion
+                if hit.get("rejected"):  # rejected after its re-asks last time, and still: not asked again
+                    usage.cached += 1
+                    raise InvalidReply(f"reply rejected (cached): {problem}", last=completion)
+                # else a validator grew stricter since the reply was stored: ask again
         async with self.semaphore:
             try:
                 completion = await self.client.complete(messages, response_format, validate=validate)
             except ReplyRejected as exc:
-                usage.requests += exc.attempts
-                usage.reasks += exc.reasks
+                self._count(usage, exc.attempts, exc.reasks, exc.last)
+                if exc.last is not None:  # the task may still use parts of it: a rerun must not pay again
+                    await self._store(key, exc.last, rejected=str(exc))
                 raise
-        usage.requests += completion.attempts
-        usage.reasks += completion.reasks
-        usage.prompt_tokens += completion.prompt_tokens
-        usage.completion_tokens += completion.completion_tokens
-        if self.cache is not None:
-            value = {"content": completion.content, "finish_reason": completion.finish_reason,
-                     "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens}
-            await asyncio.to_thread(self.cache.put, key, value)
+        self._count(usage, completion.attempts, completion.reasks, completion)
+        await self._store(key, completion)
         return completion
+
+    @staticmethod
+    def _count(usage: Usage, attempts: int, reasks: int, completion: Completion | None) -> None:
+        usage.requests += attempts
+        usage.reasks += reasks
+        if completion is not None:
+            usage.prompt_tokens += completion.prompt_tokens
+            usage.completion_tokens += completion.completion_tokens
+
+    async def _store(self, key: str, completion: Completion, rejected: str = "") -> None:
+        if self.cache is None:
+            return
+        value = {"content": completion.content, "finish_reason": completion.finish_reason,
+                 "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens}
+        if rejected:
+            value["rejected"] = rejected
+        await asyncio.to_thread(self.cache.put, key, value)
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -171,6 +188,12 @@ def account_rows(table: pa.Table, tally, source: str) -> int:
         for name in USAGE:
             tally.extra["llm"][name.lstrip("_")] += columns[name][i]
     return counted
+
+
+def cost_line(tally, price: dict) -> str:
+    """The progress line's detail: tokens and cost so far of the usage ``account_rows`` counted."""
+    usage = tally.extra["llm"]
+    return f"{usage['prompt_tokens'] + usage['completion_tokens']:,} tokens · ${cost(usage, price):.4f} so far"
 
 
 def strip_bookkeeping(table: pa.Table) -> pa.Table:
