@@ -13,6 +13,7 @@ Every job is one module with the same shape, listed in ``JOBS``:
                             API endpoint checked); what it returns is handed to run
     run(config, log, prepared)  the job on the connected Ray cluster; returns its manifest or summary
     succeeded(result)       whether the exit status is 0 (every row accounted for)
+    estimate(config, log)   optional, `--estimate`: what the job would ask of the LLM API; runs nothing
 """
 
 from __future__ import annotations
@@ -51,12 +52,17 @@ def prefer_loopback(address: str) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-def run_job(name: str, config_path: str | None, overrides: list[str], log=print):
-    """Load and check the config, run the job's preflight, then connect to Ray and run it."""
+def run_job(name: str, config_path: str | None, overrides: list[str], log=print, estimate: bool = False):
+    """Load and check the config, run the job's preflight, then connect to Ray and run it; with
+    ``estimate``, only the job's cost estimate (no Ray, no API call)."""
     data = load_data(config_path, overrides)
     prefer_loopback(str(data.get("ray_address") or ""))
     job = importlib.import_module(JOBS[name][0])
     config = build(job.Config, data, "")
+    if estimate:
+        if not hasattr(job, "estimate"):
+            raise ConfigError(f"--estimate: the {name} job has no estimate")
+        return job, job.estimate(config, log=log)
     prepared = job.preflight(config)  # before Ray: a missing input or a bad key fails in seconds
     connect_ray(config.ray_address)
     return job, job.run(config, log=log, prepared=prepared)
@@ -95,19 +101,24 @@ def main(argv: list[str] | None = None) -> int:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", help="YAML config file (see jobs/configs/)")
         command.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys allowed (llm.rpm=600)")
+        command.add_argument("--estimate", action="store_true",
+                             help="print what the job would ask of the LLM API (requests, tokens, cost, time); run nothing")
     commands.add_parser("serve-sim", help="start the OpenAI-compatible API simulator (see serve-sim --help)")
     tiny = commands.add_parser("make-tiny-model", help="a tiny Llama-style model + tokenizer trained on generated data")
     tiny.add_argument("--data", required=True, help="a generate output directory")
     tiny.add_argument("--output", required=True)
-    args = parser.parse_args(argv)
+    # A flag may come after key=value overrides (argparse stops at the first positional list).
+    estimate = "--estimate" in argv
+    args = parser.parse_args([a for a in argv if a != "--estimate"])
+    args.estimate = estimate
     try:
         if args.command == "make-tiny-model":
             from agentflan_ray.training.tiny_model import make_tiny_model
 
             print(f"tiny model written to {make_tiny_model(args.data, args.output)}")
             return 0
-        job, result = run_job(args.command, args.config, args.overrides)
-        return 0 if job.succeeded(result) else 1
+        job, result = run_job(args.command, args.config, args.overrides, estimate=args.estimate)
+        return 0 if args.estimate or job.succeeded(result) else 1
     except ConfigError as exc:
         print(f"agentflan-ray: config error: {exc}", file=sys.stderr)
         return 2

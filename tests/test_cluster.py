@@ -153,6 +153,37 @@ def test_shared_budget_holds_the_rpm_across_nodes(cluster, tmp_path):
 
 
 
+def test_llm_rewrite_submitted_with_s3_input_and_output_holds_the_shared_budget(cluster, tmp_path, sample_data,
+                                                                                  s3_bucket, s3_server):
+    """`rewrite: llm` on both nodes: input and output on S3, one 240 RPM budget for every actor."""
+    import boto3
+
+    from agentflan_ray.llm.simulator import SimulatorConfig, SimulatorServer
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    for path in sample_data.rglob("*.json"):
+        s3.upload_file(str(path), s3_bucket, f"in/{path.relative_to(sample_data)}")
+    server = SimulatorServer(SimulatorConfig(port=0, latency_s=0.05, api_key=KEY, corrupt=0.2))
+    url = server.start()
+    try:
+        result = submit(cluster, str(REPO / "jobs/generate.py"), "--config", str(REPO / "jobs/configs/demo.yaml"),
+                        *demo_overrides(f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out"), "task_bytes=60000",
+                        "rewrite=llm", f"llm.base_url={url}", "llm.model=sim-gpt-4", "llm.rpm=240", "llm.actors=2",
+                        "llm.concurrency=8", "llm.batch_size=4", timeout=400)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        times = server.stats(times=True)["answer_times"]
+    finally:
+        server.stop()
+    manifest = json.loads(s3.get_object(Bucket=s3_bucket, Key="out/manifest.json")["Body"].read())
+    rewrite = manifest["rewrite"]
+    assert manifest["counts"]["read"] == 51 and rewrite["asked"] == 36
+    assert rewrite["rewritten"] + rewrite["partly_rewritten"] + rewrite["template"] == 36
+    assert rewrite["budget"]["rpm"] == 240 and rewrite["budget"]["granted"] >= rewrite["requests"] == len(times)
+    # 240 RPM with half a second of burst: no 10-second window holds more than 40 + 2 answers.
+    assert max(sum(1 for t in times if s <= t < s + 10) for s in times) <= 42
+    assert KEY not in result.stdout + result.stderr
+
+
 def test_elastic_training_survives_losing_a_node(cluster, tmp_path, s3_bucket):
     """`jobs/train.py` with num_workers [1, 2] trains on both nodes, checkpointing to S3; the worker
     node is stopped mid-run, and the job finishes on the head alone: the ZeRO checkpoint of two

@@ -332,3 +332,26 @@ def test_an_invalid_key_stops_the_job_before_ray_starts(simulator, sample_data, 
     err = capsys.readouterr().err
     assert "OPENAI_API_KEY" in err and "sk-wrong-key" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_estimate_builds_the_real_prompts_and_calls_nothing(ray_session, simulator, sample_data, tmp_path,
+                                                           monkeypatch, capsys):
+    from agentflan_ray.jobs.generate import estimate
+
+    server, url = simulator(latency_s=0.01)
+    overrides = [*demo_overrides(sample_data, tmp_path / "out"), *llm_overrides(url)]
+    monkeypatch.delenv("OPENAI_API_KEY")  # an estimate needs no key
+    assert main(["generate", *overrides, "--estimate", "estimate_records=1000"]) == 0
+    printed = capsys.readouterr().out
+    assert "no API call made" in printed and "36 rewrite requests" in printed and "cost: $" in printed
+    assert server.stats()["answered"] == 0 and not (tmp_path / "out").exists()
+
+    projected = estimate(load_config(GenerateConfig, None, [*overrides, "estimate_records=1000"]), log=lambda *_: None)
+    monkeypatch.setenv("OPENAI_API_KEY", SIM_KEY)
+    manifest = run_generate(overrides)
+    rewrite = manifest["rewrite"]
+    assert projected["projected"]["records"] == manifest["counts"]["read"]
+    assert projected["projected"]["requests"] == rewrite["asked"] == 36
+    # The same prompts, counted the same way: exact when no reply needed a re-ask.
+    assert rewrite["reasks"] == 0 and projected["projected"]["prompt_tokens"] == rewrite["prompt_tokens"]
+    assert 0.5 < projected["projected"]["completion_tokens"] / rewrite["completion_tokens"] < 2

@@ -26,7 +26,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
 from agentflan_ray.aligning.align import align
@@ -113,6 +115,8 @@ class GenerateConfig(JobConfig):
     row_group_rows: int = 2000
     # Retries of a read task that failed outside record handling (S3 or disk errors).
     task_retries: int = 3
+    # `--estimate` reads about this many records (spread over the input) to project the LLM cost.
+    estimate_records: int = 200
 
     def validate(self, key: str = "") -> None:
         if not self.inputs:
@@ -130,6 +134,8 @@ class GenerateConfig(JobConfig):
             raise ConfigError(f"task_bytes: must be at least 1024, got {self.task_bytes}")
         if self.task_retries < 0:
             raise ConfigError(f"task_retries: must be 0 or more, got {self.task_retries}")
+        if self.estimate_records < 1:
+            raise ConfigError(f"estimate_records: must be positive, got {self.estimate_records}")
         if self.row_group_rows < 1:
             raise ConfigError(f"row_group_rows: must be positive, got {self.row_group_rows}")
 
@@ -272,6 +278,11 @@ def run(config: GenerateConfig, log=print, prepared: tuple[list[ReadTask], LLMCl
     return manifest
 
 
+def read_queue_part(batch: pa.Table, root: str, storage) -> pa.Table:
+    fs, base = filesystem(root, storage)
+    return pq.read_table(posixpath.join(base, batch.column("path")[0].as_py()), filesystem=fs)
+
+
 def remove_if_empty(root: str, storage, folder: str) -> None:
     """A local working folder left empty (S3 has no folders)."""
     fs, base = filesystem(root, storage)
@@ -299,9 +310,11 @@ def rewrite_queued(config: GenerateConfig, queue: list[str], probe: LLMClient, f
         preserve_order = context.execution_options.preserve_order
         context.execution_options.preserve_order = True  # rows come back in queue order
         try:
-            fs, _ = filesystem(config.output, config.storage)
-            dataset = ray.data.read_parquet([join(config.output, path) for path in queue], filesystem=fs,
-                                            num_cpus=0.25)
+            # One light task per queue part (read_parquet would list files in a task that needs a
+            # whole CPU, which the stage's actors may already share out: a deadlock on small nodes).
+            parts = ray.data.from_items([{"path": path} for path in queue], override_num_blocks=len(queue))
+            dataset = parts.map_batches(read_queue_part, fn_kwargs={"root": config.output, "storage": config.storage},
+                                        batch_size=1, batch_format="pyarrow", num_cpus=0.25)
             results = dataset.map_batches(
                 LLMStage,
                 fn_constructor_kwargs={"task": RewriteTask(config.seed, probe.model),
@@ -345,6 +358,15 @@ def rewrite_queued(config: GenerateConfig, queue: list[str], probe: LLMClient, f
         "seconds": round(time.monotonic() - started, 3),
         "budget": budget_stats,
     }
+
+
+def estimate(config: GenerateConfig, log=print) -> dict:
+    """`--estimate`: projected requests, tokens, cost and time of `rewrite: llm`; calls nothing."""
+    from agentflan_ray.jobs.estimate import estimate as project
+
+    if config.rewrite != "llm":
+        log("[generate --estimate] rewrite is 'template': no API call would be made (add rewrite=llm)")
+    return project(config, log)
 
 
 def succeeded(manifest: dict) -> bool:

@@ -33,6 +33,7 @@ class FileRange:
     kind: str  # json | jsonl | parquet
     problem: str = ""  # a quarantine reason for the whole file, which is then never opened
     detail: str = ""
+    size: int = 0  # bytes of the file this piece covers (an estimate projects from it)
 
 
 @dataclass
@@ -74,9 +75,11 @@ def plan_read_tasks(config: GenerateConfig) -> tuple[list[ReadTask], list[str]]:
             elif kind == "jsonl" and size > config.task_bytes:
                 for start in range(0, size, config.task_bytes):
                     end = min(start + config.task_bytes, size)
-                    pieces.append((end - start, FileRange(spec.format, spec.source, path, spec.path, name, start, end, kind)))
+                    pieces.append((end - start, FileRange(spec.format, spec.source, path, spec.path, name, start, end,
+                                                          kind, size=end - start)))
             else:
-                pieces.append((size, FileRange(spec.format, spec.source, path, spec.path, name, 0, None, kind)))
+                pieces.append((size, FileRange(spec.format, spec.source, path, spec.path, name, 0, None, kind,
+                                               size=size)))
     tasks: list[ReadTask] = []
     current: list[FileRange] = []
     current_bytes = 0
