@@ -162,7 +162,7 @@ def test_the_prompt_carries_prose_and_context_not_whole_observations():
     t = copy.deepcopy(TOOLBENCH[0])
     messages, pieces = prompt(t)
     request = json.loads(messages[1]["content"])
-    assert [p["draft"] for p in request["pieces"]] == [p.template for p in pieces]
+    assert [draft for _, _, draft in request["pieces"]] == [p.template for p in pieces]
     assert request["task"] == t.query and len(request["steps"]) == sum(s.call.name != "Finish" for s in t.steps)
     t.steps[0].observation += "x" * 50_000  # a bulky observation costs at most a clipped view
     bulky, _ = prompt(t)

@@ -20,7 +20,6 @@ NAMES = [SEARCH, BACKLINKS, "search_for_seo_api", "backlinks_for_seo_api"]  # as
 def tool_request(task: str = "Find the top 25 SEO results for 'best pizza' and report backlinks.") -> list[dict]:
     context = {
         "task": task,
-        "tools": TOOLS,
         "steps": [
             {"n": 1, "tool": SEARCH, "arguments": '{"query": "best pizza", "limit": 25}',
              "result": "25 results; top: pizza.com"},
@@ -61,7 +60,7 @@ def problems(messages: list[dict], content: str, finish: str) -> list[str]:
     texts, problem = prompts.reply_problems(content, len(pieces))
     if texts is None:
         return [*found, problem]
-    facts, names = messages[1]["content"], NAMES if request.get("tools") else []
+    facts, names = messages[1]["content"], NAMES if request["steps"][0].get("tool") else []
     return found + [p for text, piece in zip(texts, pieces, strict=True)
                     if (p := prompts.piece_problem(text, piece, facts, names))]
 

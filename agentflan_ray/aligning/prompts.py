@@ -1,12 +1,13 @@
 """The rewrite prompt, and the checks every piece of a reply passes before it enters a sample.
 
-One request per sample: the sample's prose pieces (rendered by the template, see ``prose.Piece``)
-go out as a numbered list with the context a writer needs (the query, each step's tool and
-arguments, a clipped view of each result), and come back as ``{"pieces": [text, ...]}``::
+One request per sample: the sample's prose pieces (rendered by the template, see ``Piece``) go
+out as a numbered list with the context a writer needs (the query, each step's tool and arguments,
+a clipped view of each result; no tool catalogue, no whole observations), and come back as
+``{"pieces": [text, ...]}``; compact JSON throughout::
 
-    system   PROMPT (rules, versioned by PROMPT_VERSION, part of the cache key)
-    user     {"task": .., "tools": [..], "steps": [{"n", "tool", "arguments", "result"}],
-              "pieces": [{"n", "kind", "step", "tool", "draft"}]}
+    system   PROMPT (rules, versioned by PROMPT_VERSION; the prompt text is part of the cache key)
+    user     {"task": .., "steps": [{"n", "tool", "arguments", "result"}],
+              "pieces": [[kind, step n, draft], ...]}
     reply    {"pieces": ["..", ".."]}          exactly one string per piece, in order
 
 Checks (``reply_problems`` for the whole reply, ``piece_problem`` for one piece), each a reason
@@ -31,34 +32,25 @@ from dataclasses import dataclass
 
 PROMPT_VERSION = "rewrite-v1"
 MARKER = "[agentflan-rewrite]"
-CLIP = 300  # characters of each argument list and result shown to the writer
+CLIP = 200  # characters of each argument list and result shown to the writer
 
 KIND_RULES = {
-    "thought": "the assistant's reasoning just before it calls the step's tool: first person, natural, one to "
-               "three sentences on why this step is needed",
-    "connective": "one short sentence in which the assistant says it is now calling the step's tool (the call "
-                  "itself follows your sentence and is not part of it)",
-    "elicit_tool": "the user's short question asking which tool the assistant will use for this step; it names "
-                   "no tool",
-    "elicit_arguments": "the user's short question asking what arguments the call needs; it names no tool",
-    "final": "the assistant's final answer to the user, with exactly the facts and figures of the draft, "
-             "cleanly worded, without talk of tools, calls or attempts",
-    "env_thought": "the agent's reasoning just before its action in the environment: first person, natural, "
-                   "one to three sentences",
+    "thought": "the assistant's reasoning before it calls the step's tool (first person, 1-3 sentences)",
+    "connective": "one short sentence saying it now calls the step's tool (the call follows, not yours)",
+    "elicit_tool": "the user's short question: which tool will you use? (names no tool)",
+    "elicit_arguments": "the user's short question: which arguments does the call need? (names no tool)",
+    "final": "the final answer to the user with exactly the draft's facts and figures, no talk of tools",
+    "env_thought": "the agent's reasoning before its action in the environment (first person, 1-3 sentences)",
 }
 
-PROMPT = f"""{MARKER} You improve the prose of an AI agent's trajectory for a training set.
-You get the user's task, the tools, each step's tool call with a clipped view of its result, and a
-numbered list of prose pieces, each with its kind and a draft. Rewrite every piece as natural,
-varied English that fits its place in the conversation. What each kind is:
+PROMPT = f"""{MARKER} Rewrite the prose pieces of an AI agent's trajectory as natural, varied English.
+Input: the task, the steps (tool, arguments, clipped result) and "pieces", each [kind, step, draft].
+Kinds:
 {chr(10).join(f"- {kind}: {rule}" for kind, rule in KIND_RULES.items())}
-Rules, for every piece:
-- Write prose only. Never write a tool call, a code block, JSON, or "Thought:", "Action:",
-  "Action Input:" lines: the calls are added by code.
-- Mention no tool other than the piece's own ("tool"); elicit pieces mention none.
-- Use no number, date or quoted text that is not in the material given.
-- Leave out anything about earlier attempts, retries, restarts or "the previous action".
-Reply with one JSON object {{"pieces": [...]}}: exactly one string per numbered piece, in order."""
+Rules: prose only, never a tool call, code block, JSON or "Thought:"/"Action:" line (code adds the
+calls); no tool but the step's own; no number, date or quoted text absent from the input; nothing
+about earlier attempts, retries or "the previous action".
+Reply with JSON {{"pieces": [...]}}: one string per piece, in order."""
 
 
 @dataclass(frozen=True)
@@ -73,9 +65,8 @@ class Piece:
 
 
 def build_messages(context: dict, pieces: list[Piece]) -> list[dict]:
-    asked = [{"n": i + 1, "kind": p.kind, "step": p.step + 1, "tool": p.tool, "draft": p.template}
-             for i, p in enumerate(pieces)]
-    user = json.dumps({**context, "pieces": asked}, ensure_ascii=False)
+    asked = [[p.kind, p.step + 1, p.template] for p in pieces]
+    user = json.dumps({**context, "pieces": asked}, ensure_ascii=False, separators=(",", ":"))
     return [{"role": "system", "content": PROMPT}, {"role": "user", "content": user}]
 
 

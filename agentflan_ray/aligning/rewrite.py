@@ -36,7 +36,6 @@ from agentflan_ray.aligning.prompts import (
 )
 from agentflan_ray.aligning.toolbench import qualified_name, render_tflan_cot, render_tflan_decomposed
 from agentflan_ray.aligning.verify import check_env_sample, check_toolbench_sample
-from agentflan_ray.llm.stage import InvalidReply
 from agentflan_ray.reading.toolbench import FINISH
 from agentflan_ray.records import (
     TRAJECTORY_SCHEMA,
@@ -69,6 +68,8 @@ class RewriteTask:
         self.seed, self.model, self.prompt_version = seed, model, PROMPT_VERSION
 
     async def rows(self, row: dict, complete) -> list[dict]:
+        from agentflan_ray.llm.stage import InvalidReply
+
         t, target = trajectory_from_row(row), row["target"]
         recorder = Prose()
         template = render(t, target, self.seed, recorder)
@@ -158,16 +159,16 @@ def tool_names(t: Trajectory) -> list[str]:
 
 
 def context_of(t: Trajectory) -> dict:
-    """What the writer sees besides the pieces: the task, the tools, each step clipped."""
+    """What the writer sees besides the pieces: the task and each step, clipped (each step names its
+    own tool; the catalogue of other tools is left out, as they may not be mentioned)."""
     if isinstance(t, ToolTrajectory):
-        tools = [{"name": qualified_name(str(tool.get("name", ""))), "description": clip(str(tool.get("description", "")), 150)}
-                 for tool in t.tools if tool.get("name") != FINISH]
-        steps = [{"n": i + 1, "tool": qualified_name(s.call.name), "arguments": clip(json.dumps(s.call.arguments, ensure_ascii=False)),
-                  "result": clip(s.observation or "")} for i, s in enumerate(t.steps) if s.call and s.call.name != FINISH]
-        return {"task": t.query, "tools": tools, "steps": steps}
+        steps = [{"n": i + 1, "tool": qualified_name(s.call.name),
+                  "arguments": clip(json.dumps(s.call.arguments, ensure_ascii=False)), "result": clip(s.observation or "")}
+                 for i, s in enumerate(t.steps) if s.call and s.call.name != FINISH]
+        return {"task": t.query, "steps": steps}
     body = t.messages[1:] if t.env == "mind2web" else t.messages[2:]
     steps = [{"n": i + 1, ("action" if m.role == "assistant" else "result"): clip(m.content)} for i, m in enumerate(body)]
-    return {"task": clip(t.messages[0].content, 1500), "tools": [], "steps": steps}
+    return {"task": clip(t.messages[0].content, 1500), "steps": steps}
 
 
 def facts_of(t: Trajectory, pieces: list[Piece]) -> list[str]:

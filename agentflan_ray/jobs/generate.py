@@ -24,7 +24,7 @@ import posixpath
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -36,10 +36,7 @@ from agentflan_ray.aligning.prompts import PROMPT_VERSION
 from agentflan_ray.aligning.rewrite import QUEUE, QUEUE_SCHEMA, REWRITE_STREAMS, RewriteTask
 from agentflan_ray.balancing.balance import BalanceConfig, balance_sample, trained_tokens
 from agentflan_ray.config import ConfigError, JobConfig
-from agentflan_ray.llm.budget import create_budget
-from agentflan_ray.llm.client import LLMClient, Secret
 from agentflan_ray.llm.settings import LLMConfig, cost, price_per_1k
-from agentflan_ray.llm.stage import LLMStage, account_rows, cost_line
 from agentflan_ray.reading.decode import PREVIEW, RawRecord, iter_raw_records
 from agentflan_ray.reading.parse import parse_record
 from agentflan_ray.reading.plan import FileRange, ReadTask, plan_read_tasks
@@ -57,6 +54,9 @@ from agentflan_ray.storage import filesystem, join, s3_endpoint
 from agentflan_ray.writing.accounting import Progress, Tally, all_accounted
 from agentflan_ray.writing.manifest import build_manifest, finish_output, start_output
 from agentflan_ray.writing.shards import QUARANTINE, ShardWriter, sample_schema
+
+if TYPE_CHECKING:  # the LLM client (openai) is imported where it is used: read tasks never need it
+    from agentflan_ray.llm.client import LLMClient
 
 AGENTINSTRUCT_STREAMS = ("agent_instruct_react", "agent_instruct_tflan")
 
@@ -226,6 +226,8 @@ def preflight(config: GenerateConfig) -> tuple[list[ReadTask], LLMClient | None]
         raise FileNotFoundError("inputs: " + "; ".join(f"{path} matched no file" for path in unmatched))
     probe = None
     if config.rewrite == "llm":
+        from agentflan_ray.llm.client import LLMClient
+
         probe = LLMClient(config.llm)
         asyncio.run(probe.preflight())
     return tasks, probe
@@ -278,9 +280,20 @@ def run(config: GenerateConfig, log=print, prepared: tuple[list[ReadTask], LLMCl
     return manifest
 
 
-def read_queue_part(batch: pa.Table, root: str, storage) -> pa.Table:
+def read_queue_part(batch: pa.Table, root: str, storage, rows: int):
+    """A queue part in blocks of ``rows``, so the stage's actors share its rows out."""
     fs, base = filesystem(root, storage)
-    return pq.read_table(posixpath.join(base, batch.column("path")[0].as_py()), filesystem=fs)
+    with fs.open_input_file(posixpath.join(base, batch.column("path")[0].as_py())) as f:
+        for piece in pq.ParquetFile(f).iter_batches(batch_size=rows):
+            yield pa.Table.from_batches([piece])
+
+
+def projected_cost_line(tally: Tally, price: dict, total: int) -> str:
+    from agentflan_ray.llm.stage import cost_line
+
+    done = tally.total("read")
+    spent = cost(tally.extra["llm"], price)
+    return cost_line(tally, price) + (f" · ${spent * total / done:,.2f} projected" if done else "")
 
 
 def remove_if_empty(root: str, storage, folder: str) -> None:
@@ -296,6 +309,10 @@ def rewrite_queued(config: GenerateConfig, queue: list[str], probe: LLMClient, f
                    log) -> dict:
     """The queued trajectories through the LLM stage; their samples balanced and written in queue
     order (so a rerun answered from the cache writes the same bytes). The manifest's `rewrite`."""
+    from agentflan_ray.llm.budget import create_budget
+    from agentflan_ray.llm.client import Secret
+    from agentflan_ray.llm.stage import LLMStage, account_rows
+
     llm, queued = config.llm, tally.extra["rewrite"]["queued"]
     price = price_per_1k(llm.prices, probe.model)
     asked = Tally()  # one "row" per queued trajectory: written, or dead-lettered (then its template)
@@ -313,8 +330,9 @@ def rewrite_queued(config: GenerateConfig, queue: list[str], probe: LLMClient, f
             # One light task per queue part (read_parquet would list files in a task that needs a
             # whole CPU, which the stage's actors may already share out: a deadlock on small nodes).
             parts = ray.data.from_items([{"path": path} for path in queue], override_num_blocks=len(queue))
-            dataset = parts.map_batches(read_queue_part, fn_kwargs={"root": config.output, "storage": config.storage},
-                                        batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+            dataset = parts.map_batches(read_queue_part, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                                        fn_kwargs={"root": config.output, "storage": config.storage,
+                                                   "rows": llm.batch_size})
             results = dataset.map_batches(
                 LLMStage,
                 fn_constructor_kwargs={"task": RewriteTask(config.seed, probe.model),
@@ -328,7 +346,7 @@ def rewrite_queued(config: GenerateConfig, queue: list[str], probe: LLMClient, f
                                  first_part=first_part, rows_per_file=REWRITE_ROWS_PER_FILE)
             ratios = config.balance.resolved()
             progress = Progress(NAME, queued, "trajectories rewritten", log, config.progress,
-                                detail=lambda t: cost_line(t, price))
+                                detail=lambda t: projected_cost_line(t, price, queued))
             for table in results.iter_batches(batch_format="pyarrow", batch_size=None):
                 done = account_rows(table, asked, "rewrite")
                 for row in table.to_pylist():

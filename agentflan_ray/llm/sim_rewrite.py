@@ -4,7 +4,7 @@ A rewrite request (a system prompt that starts with ``prompts.MARKER``, see ``al
 is always answered from its original user message, ``messages[1]``, also when the client re-asks
 after a rejected reply (then the list has four messages)::
 
-    messages[1] --json--> {"task", "tools", "steps", "pieces": [{"n", "kind", "step", "tool", "draft"}]}
+    messages[1] --json--> {"task", "steps": [{"n", "tool", ..}], "pieces": [[kind, step n, draft], ..]}
     plausible(request)    one rewrite per piece from its draft and kind: deterministic candidates,
                           best first; the first that passes prompts.piece_problem against its draft
                           alone (the strictest facts, so it passes against any richer facts) is kept
@@ -89,15 +89,20 @@ def _string(item: dict, key: str) -> str:
 
 
 def asked(request: dict) -> list[prompts.Piece]:
-    items = [p if isinstance(p, dict) else {} for p in _list(request, "pieces")]
-    return [prompts.Piece(f"n{i + 1}", _string(p, "kind"), _string(p, "draft"), _string(p, "tool"))
-            for i, p in enumerate(items)]
+    """The pieces asked for, each with its step's tool."""
+    tools = {step.get("n"): _string(step, "tool") for step in _list(request, "steps") if isinstance(step, dict)}
+    pieces = []
+    for i, item in enumerate(_list(request, "pieces")):
+        kind, step, draft = (item + [None] * 3)[:3] if isinstance(item, list) else (None, None, None)
+        kind, draft = (v if isinstance(v, str) else "" for v in (kind, draft))
+        pieces.append(prompts.Piece(f"n{i + 1}", kind, draft, tools.get(step, "") if kind != "final" else ""))
+    return pieces
 
 
 def tool_names(request: dict) -> list[str]:
-    names = (t.get("name") if isinstance(t, dict) else t for t in _list(request, "tools"))
-    qualified = [name for name in names if isinstance(name, str) and name]
-    return qualified + [name.rsplit(".", 1)[-1] for name in qualified if "." in name]  # and the bare function names
+    """The tools of the request's steps, qualified and bare."""
+    qualified = sorted({_string(s, "tool") for s in _list(request, "steps") if isinstance(s, dict)} - {""})
+    return qualified + [name.rsplit(".", 1)[-1] for name in qualified if "." in name]
 
 
 def _choose(bank: tuple[str, ...], key: str) -> str:
@@ -118,7 +123,11 @@ def candidates(piece: prompts.Piece, names: list[str] = ()) -> list[str]:
     careful writer would."""
     key = piece.kind + piece.template
 
+    own = {piece.tool, piece.tool.rsplit(".", 1)[-1]}
+
     def keep(sentence: str) -> bool:
+        if any(name not in own for name in prompts.TOOLBENCH_NAME.findall(sentence)):
+            return False  # a tool of the catalogue the writer was not shown
         problem = prompts.piece_problem(sentence, piece, piece.template, list(names))
         return not problem or prompts.reason_of(problem) == "missing_fact"
 
