@@ -29,6 +29,7 @@ from agentflan_ray.config import ConfigError, build, load_data
 JOBS = {
     "generate": ("agentflan_ray.jobs.generate", "turn agent trajectories into Agent-FLAN sample shards"),
     "chat": ("agentflan_ray.jobs.chat", "answer a file of chat requests through the rate-limited, cached client"),
+    "negatives": ("agentflan_ray.jobs.negatives", "Agent-H-style negative samples and the held-out Agent-H set"),
     "train": ("agentflan_ray.jobs.train", "DeepSpeed SFT over generated shards with Ray Train"),
 }
 

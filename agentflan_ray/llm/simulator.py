@@ -12,6 +12,7 @@ can be dry-run with replies its validators accept); ``response_format: json_obje
 object; otherwise a short sentence derived from the prompt's hash. A rewrite request (see
 ``aligning/prompts.py``) gets plausible pieces, a ``--corrupt`` share of them wrong the ways real
 models go wrong (``sim_rewrite``; counted as ``corrupt_<kind>`` faults).
+A negatives request (``negatives/prompts.py``) likewise gets plausible queries or answers (``sim_negative``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 from aiohttp import web
 
-from agentflan_ray.llm import sim_rewrite
+from agentflan_ray.llm import sim_negative, sim_rewrite
 
 ECHO = re.compile(r"<<<ECHO>>>(.*?)<<<END>>>", re.S)
 
@@ -47,7 +48,7 @@ class SimulatorConfig:
     hang_s: float = 30.0
     malformed: float = 0.0  # share answered 200 with a body that is not JSON
     length: float = 0.0  # share cut short with finish_reason "length"
-    corrupt: float = 0.0  # share of rewrite replies made wrong the ways real models go wrong
+    corrupt: float = 0.0  # share of rewrite and negatives replies made wrong the ways real models go wrong
     api_key: str = ""  # when set, any other key gets 401
     models: list[str] = field(default_factory=lambda: ["sim-gpt-4"])
     seed: int = 0
@@ -224,6 +225,10 @@ class Simulator:
         digest = hashlib.sha256(prompt.encode()).hexdigest()
         if sim_rewrite.is_rewrite(messages):
             content, finish, corrupted = sim_rewrite.rewrite_reply(messages, digest, self.config.corrupt)
+            if corrupted:
+                self.faults["corrupt_" + corrupted] += 1
+        elif sim_negative.is_negative(messages):
+            content, finish, corrupted = sim_negative.negative_reply(messages, digest, self.config.corrupt)
             if corrupted:
                 self.faults["corrupt_" + corrupted] += 1
         else:

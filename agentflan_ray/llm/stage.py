@@ -37,7 +37,14 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from agentflan_ray.llm.cache import ResponseCache, cache_key
-from agentflan_ray.llm.client import Completion, FatalLLMError, LLMClient, ReplyRejected, Secret
+from agentflan_ray.llm.client import (
+    Completion,
+    FatalLLMError,
+    LLMClient,
+    ReplyRejected,
+    Secret,
+    default_validation,
+)
 from agentflan_ray.llm.settings import LLMConfig, cost
 from agentflan_ray.storage import StorageConfig
 
@@ -127,7 +134,9 @@ class LLMStage:
             if hit is not None:
                 completion = Completion(hit["content"], hit["finish_reason"], hit["prompt_tokens"],
                                         hit["completion_tokens"], attempts=0, cached=True)
-                problem = validate(completion) if validate else None
+                wants_json = bool(response_format and response_format.get("type") == "json_object")
+                # The same checks as a fresh reply: a stored rejected one may have been cut off.
+                problem = default_validation(completion, wants_json) or (validate(completion) if validate else None)
                 if not problem:
                     usage.cached += 1  # paid for by an earlier run: no tokens counted
                     return completion
