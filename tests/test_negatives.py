@@ -140,3 +140,35 @@ def test_the_key_appears_in_no_output(ray_session, simulator, sample_data, tmp_p
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file():
             assert SIM_KEY.encode() not in path.read_bytes(), path
+
+
+def test_generate_puts_the_negative_stream_into_the_mix(ray_session, simulator, sample_data, tmp_path):
+    from conftest import demo_overrides
+
+    from agentflan_ray.jobs.generate import GenerateConfig
+    from agentflan_ray.jobs.generate import run as generate
+    from agentflan_ray.training.data import sample_shards
+
+    _, url = simulator(latency_s=0.01, corrupt=0.2)
+    out = tmp_path / "out"
+    config = load_config(GenerateConfig, None, [
+        *demo_overrides(sample_data, out), "negatives.count=40", f'negatives.tool_catalogs=["{sample_data}/teval/api_descrip.json"]',
+        f"llm.base_url={url}", "llm.model=sim-gpt-4", "llm.backoff_initial_s=0.05"])
+    manifest = generate(config, log=lambda *_: None)
+    negatives = manifest["counts"]["per_source"]["negatives"]
+    assert negatives["read"] == 40 and negatives["written"] == manifest["samples"]["per_stream"]["negative"] >= 36
+    assert negatives["read"] == negatives["written"] + negatives["quarantined"] + negatives["dead_lettered"]
+    assert manifest["counts"]["per_source"]["toolbench"]["read"] == 10  # the records are counted once
+    assert manifest["rewrite"] == {"mode": "template"} and manifest["negatives"]["llm"]["requests"] > 0
+    rows = pq.read_table(out / "negative").to_pylist()
+    assert {json.loads(r["meta"])["scenario"] for r in rows} == {"no_tools", "irrelevant_tools"}
+    assert any(str(p).endswith(".parquet") and "/negative/" in str(p) for p in sample_shards(str(out), config.storage))
+
+
+def test_estimate_calls_nothing(simulator, sample_data, tmp_path, monkeypatch, capsys):
+    server, url = simulator()
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert main(["negatives", *overrides(sample_data, tmp_path / "out", url), "--estimate"]) == 0
+    printed = capsys.readouterr().out
+    assert "200 answers" in printed and "no API call made" in printed
+    assert server.stats()["answered"] == 0 and not (tmp_path / "out").exists()

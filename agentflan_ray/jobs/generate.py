@@ -37,6 +37,7 @@ from agentflan_ray.aligning.rewrite import QUEUE, QUEUE_SCHEMA, REWRITE_STREAMS,
 from agentflan_ray.balancing.balance import BalanceConfig, balance_sample, trained_tokens
 from agentflan_ray.config import ConfigError, JobConfig
 from agentflan_ray.llm.settings import LLMConfig, cost, price_per_1k
+from agentflan_ray.negatives.settings import NegativeStream
 from agentflan_ray.reading.decode import PREVIEW, RawRecord, iter_raw_records
 from agentflan_ray.reading.parse import parse_record
 from agentflan_ray.reading.plan import FileRange, ReadTask, plan_read_tasks
@@ -101,6 +102,8 @@ class GenerateConfig(JobConfig):
     # template: stock phrasing, no API call; llm: the prose of REWRITE_STREAMS written through `llm`
     rewrite: Literal["template", "llm"] = "template"
     llm: LLMConfig = field(default_factory=LLMConfig)
+    # The `negative` stream: validated negatives built from these inputs through `llm` (count 0: none).
+    negatives: NegativeStream = field(default_factory=NegativeStream)
     seed: int = 0
     toolbench_split: ToolBenchSplit = field(default_factory=ToolBenchSplit)
     # Fraction of ToolBench trajectories that also yield one `instruct` (format-following) sample.
@@ -225,7 +228,7 @@ def preflight(config: GenerateConfig) -> tuple[list[ReadTask], LLMClient | None]
     if unmatched:
         raise FileNotFoundError("inputs: " + "; ".join(f"{path} matched no file" for path in unmatched))
     probe = None
-    if config.rewrite == "llm":
+    if config.rewrite == "llm" or config.negatives.count:
         from agentflan_ray.llm.client import LLMClient
 
         probe = LLMClient(config.llm)
@@ -255,8 +258,9 @@ def run(config: GenerateConfig, log=print, prepared: tuple[list[ReadTask], LLMCl
     queue = sorted(path for path in tally.files if path.startswith(QUEUE + "/"))
     for path in queue:  # working files, removed when the job finishes
         del tally.files[path]
-    if probe is not None:
+    if probe is not None and config.rewrite == "llm":
         rewrite = rewrite_queued(config, queue, probe, len(tasks), tally, log)
+    negatives = negative_stream(config, tasks, probe, tally, log) if config.negatives.count else None
     extra = tally.extra
     manifest = build_manifest(
         NAME, config, tally,
@@ -269,6 +273,7 @@ def run(config: GenerateConfig, log=print, prepared: tuple[list[ReadTask], LLMCl
         },
         notes=dict(sorted(extra["notes"].items())),
         rewrite=rewrite or {"mode": "template"},
+        negatives=negatives,
     )
     finish_output(config.output, config.storage, FOLDERS, manifest)
     remove_if_empty(config.output, config.storage, QUEUE)
@@ -278,6 +283,41 @@ def run(config: GenerateConfig, log=print, prepared: tuple[list[ReadTask], LLMCl
         f"quarantined {counts['quarantined']}; samples {manifest['samples']['total']}"
     )
     return manifest
+
+
+def negative_stream(config: GenerateConfig, tasks: list[ReadTask], probe, tally: Tally, log) -> dict:
+    """`negatives.count` validated negatives from the job's inputs into the `negative` stream, counted
+    as the source `negatives` (dropped ones quarantined with their reason)."""
+    from agentflan_ray.jobs.negatives import (
+        NegativesConfig,
+        merge_cases,
+        produce,
+        read_catalogs,
+        read_material,
+        report,
+    )
+
+    settings = config.negatives
+    negatives = NegativesConfig(
+        inputs=config.inputs, tool_catalogs=settings.tool_catalogs, output=config.output, count=settings.count,
+        agent_h_count=0, positives=0, scenarios=settings.scenarios, llm_queries=settings.llm_queries,
+        dedupe_threshold=settings.dedupe_threshold, seed=config.seed, llm=config.llm, storage=config.storage,
+        progress=config.progress, max_record_bytes=config.max_record_bytes, task_bytes=config.task_bytes)
+    writer = ShardWriter(config.output, config.storage, sample_schema, config.row_group_rows, first_part=len(tasks))
+    ratios = config.balance.resolved()
+
+    def dropped(row: dict) -> None:
+        writer.add(QUARANTINE, Quarantined("negatives", row["id"], f"negative_{row['reason'].split(':', 1)[0]}",
+                                           row["reason"], "", row["query"][:PREVIEW]).to_row())
+
+    log(f"[generate] building {settings.count:,} negatives")
+    material = read_material(negatives, tasks, read_catalogs(negatives))
+    made = produce(negatives, material, probe, lambda row: write_sample(Sample.from_row(row), ratios, config.seed,
+                                                                        writer, tally), dropped, log)
+    tally.files.update(writer.close())
+    merge_cases(tally, made.answers, "negatives")
+    summary = report(made, negatives, probe.model)
+    return {"cases": summary["cases"], "llm": summary["llm"]}
 
 
 def read_queue_part(batch: pa.Table, root: str, storage, rows: int):

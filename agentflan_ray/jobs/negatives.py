@@ -44,6 +44,7 @@ from agentflan_ray.negatives.cases import (
     plan_cases,
 )
 from agentflan_ray.negatives.prompts import PROMPT_VERSION
+from agentflan_ray.negatives.settings import ScenarioShares
 from agentflan_ray.negatives.tasks import CASE_SCHEMA, QUERY_RESULT_SCHEMA, RESULT_SCHEMA, WRITER_SCHEMA
 from agentflan_ray.reading.decode import iter_raw_records
 from agentflan_ray.reading.parse import parse_record
@@ -65,17 +66,6 @@ DROPPED_SCHEMA = pa.schema([("id", pa.string()), ("scenario", pa.string()), ("qu
 
 
 @dataclass
-class ScenarioShares:
-    no_tools: float = 0.5
-    irrelevant_tools: float = 0.5
-
-    def validate(self, key: str) -> None:
-        shares = [self.no_tools, self.irrelevant_tools]
-        if any(not 0 <= s <= 1 for s in shares) or abs(sum(shares) - 1) > 1e-6:
-            raise ConfigError(f"{key}: shares must be within [0, 1] and add up to 1, got {shares}")
-
-
-@dataclass
 class NegativesConfig(JobConfig):
     """The `negatives` job (see the module docstring)."""
 
@@ -94,6 +84,7 @@ class NegativesConfig(JobConfig):
     llm: LLMConfig = field(default_factory=LLMConfig)
     max_record_bytes: int = 16 * 1024 * 1024
     task_bytes: int = 32 * 1024 * 1024
+    estimate_records: int = 1000  # `--estimate` reads the material of at most this many records
 
     def validate(self, key: str = "") -> None:
         if not self.inputs:
@@ -177,24 +168,42 @@ def targets_of(config: NegativesConfig) -> dict[tuple[str, str], int]:
     return targets
 
 
-def run(config: NegativesConfig, log=print, prepared=None) -> dict:
-    started = time.monotonic()
-    tasks, catalog_lists, probe = prepared or preflight(config)
-    start_output(config.output, config.storage)
-    records, material = Tally(), {k: [] for k in ("tool_query", "tool_list", "general_query", "positive")}
-    quarantine = ShardWriter(config.output, config.storage, sample_schema)
-    log(f"[negatives] reading material: {len(tasks)} read tasks -> {config.output}")
+@dataclass
+class Produced:
+    """What one negatives pass made: cases by outcome, the held-out rows, LLM usage."""
+
+    cases: Counter
+    targets: dict
+    chosen: list[Case]
+    positives: list[dict]
+    answers: Tally  # the training cases: written, dropped (quarantined) or dead-lettered
+    usage: Counter
+    dedupe: dict
+    agent_h_rows: list[dict]
+
+
+def read_material(config: NegativesConfig, tasks: list[ReadTask], catalogs: list[dict], records: Tally | None = None,
+                  quarantine: ShardWriter | None = None) -> dict[str, list[dict]]:
+    """The material of every record (read tasks on Ray); records counted into ``records``, bad ones
+    written to ``quarantine`` (both optional: `generate` has counted them already)."""
+    material = {k: [] for k in ("tool_query", "tool_list", "general_query", "positive")}
     if tasks:
         dataset = ray.data.from_items([t.to_row() for t in tasks], override_num_blocks=len(tasks))
         for row in dataset.map(material_task, fn_kwargs={"config": config}).iter_rows():
-            records.merge(row["stats"])
+            if records is not None:
+                records.merge(row["stats"])
             for item in json.loads(row["material"]):
                 material[item["kind"]].append(item)
-            for bad in json.loads(row["quarantined"]):
+            for bad in json.loads(row["quarantined"]) if quarantine is not None else ():
                 quarantine.add(QUARANTINE, bad)
-    material["tool_list"] += catalog_lists
-    cases_tally = Counter()
+    material["tool_list"] += catalogs
+    return material
 
+
+def produce(config: NegativesConfig, material: dict, probe, write, dropped, log) -> Produced:
+    """Plan, write queries, deduplicate, trim, render the held-out rows and answer the training cases:
+    each negative sample row goes to ``write(row)``, each dropped or dead-lettered case to ``dropped(row)``."""
+    cases_tally = Counter()
     positives = pick_positives(material, config)
     ids = {p["id"] for p in positives}
     material["tool_query"] = [q for q in material["tool_query"] if q["id"] not in ids]
@@ -202,9 +211,9 @@ def run(config: NegativesConfig, log=print, prepared=None) -> dict:
     cases = plan_cases(material, targets, config.llm_queries, config.seed, config.agent_h_tool_share,
                        config.queries_per_request, frozenset(list_id(p["tools"]) for p in positives))
     cases_tally["planned"] = len(cases)
-    llm = config.llm
     usage: Counter = Counter()
-    price = price_per_1k(llm.prices, probe.model)
+    price = price_per_1k(config.llm.prices, probe.model)
+    answers = Tally()
     with LLMPass(config, probe) as stage:
         cases = write_queries(stage, cases, usage, cases_tally, log)
         kept, dedupe_report = deduplicate(cases, positives, config, cases_tally)
@@ -216,37 +225,57 @@ def run(config: NegativesConfig, log=print, prepared=None) -> dict:
                          for row in agent_h.rows(f"agent_h-positive-{p['id']}", "positive", p["text"], p["tools"],
                                                  p["call"], p["source"])]
         train = [case for case in chosen if case.side == "train"]
-        answers = Tally()
-        writer = ShardWriter(config.output, config.storage,
-                             lambda folder: DROPPED_SCHEMA if folder == DROPPED else sample_schema(folder))
         if train:
-            answer_cases(stage, train, writer, answers, usage, price, log)
+            answer_cases(stage, train, write, dropped, answers, usage, price, log)
+    return Produced(cases_tally, targets, chosen, positives, answers, usage, dedupe_report, agent_h_rows)
+
+
+def run(config: NegativesConfig, log=print, prepared=None) -> dict:
+    started = time.monotonic()
+    tasks, catalog_lists, probe = prepared or preflight(config)
+    start_output(config.output, config.storage)
+    records = Tally()
+    quarantine = ShardWriter(config.output, config.storage, sample_schema)
+    log(f"[negatives] reading material: {len(tasks)} read tasks -> {config.output}")
+    material = read_material(config, tasks, catalog_lists, records, quarantine)
+    writer = ShardWriter(config.output, config.storage,
+                         lambda folder: DROPPED_SCHEMA if folder == DROPPED else sample_schema(folder))
+    made = produce(config, material, probe, lambda row: writer.add(STREAM, row), lambda row: writer.add(DROPPED, row),
+                   log)
     files = {**quarantine.close(), **writer.close()}
-    files[f"{AGENT_H}/part-00000.jsonl"] = write_jsonl(config, f"{AGENT_H}/part-00000.jsonl", agent_h_rows)
+    files[f"{AGENT_H}/part-00000.jsonl"] = write_jsonl(config, f"{AGENT_H}/part-00000.jsonl", made.agent_h_rows)
     records.files = files
-    for source, counts in answers.records.items():  # the training cases, as one more "source"
-        records.records[source].update(counts)
-        records.reasons[source].update(answers.reasons[source])
-    manifest = build_manifest(
-        NAME, config, records,
-        cases={**{k: cases_tally[k] for k in sorted(cases_tally)},
-               "targets": {f"{side}/{scenario}": n for (side, scenario), n in sorted(targets.items())},
-               "chosen": dict(sorted(Counter(f"{c.side}/{c.scenario}/{c.query_source}" for c in chosen).items())),
-               "deduplication": dedupe_report},
-        agent_h={"cases": sum(1 for c in chosen if c.side == "agent_h"), "positives": len(positives),
-                 "rows": len(agent_h_rows), "file": f"{AGENT_H}/part-00000.jsonl"},
-        material=dict(sorted(records.extra["material"].items())),
-        llm={"model": probe.model, "prompt_version": PROMPT_VERSION,
-             **{k: usage[k] for k in ("requests", "cached", "reasks", "prompt_tokens", "completion_tokens")},
-             "cost_usd": round(cost(usage, price), 6)},
-        seconds=round(time.monotonic() - started, 3),
-    )
+    merge_cases(records, made.answers)
+    manifest = build_manifest(NAME, config, records, **report(made, config, probe.model),
+                              material=dict(sorted(records.extra["material"].items())),
+                              seconds=round(time.monotonic() - started, 3))
     finish_output(config.output, config.storage, FOLDERS, manifest)
-    counts = answers.records.get("cases", Counter())
+    counts = made.answers.records.get("cases", Counter())
     log(f"[negatives] done in {manifest['seconds']:.1f}s: {counts['written']:,} negatives written, "
         f"{counts['quarantined']:,} dropped, {counts['dead_lettered']:,} dead letters; "
         f"{manifest['agent_h']['rows']:,} Agent-H rows")
     return manifest
+
+
+def merge_cases(records: Tally, answers: Tally, source: str = "cases") -> None:
+    """The training cases join the manifest's counts as one more source."""
+    records.records[source].update(answers.records.get("cases", Counter()))
+    records.reasons[source].update(answers.reasons.get("cases", Counter()))
+
+
+def report(made: Produced, config: NegativesConfig, model: str) -> dict:
+    price = price_per_1k(config.llm.prices, model)
+    return {
+        "cases": {**{k: made.cases[k] for k in sorted(made.cases)},
+                  "targets": {f"{side}/{scenario}": n for (side, scenario), n in sorted(made.targets.items())},
+                  "chosen": dict(sorted(Counter(f"{c.side}/{c.scenario}/{c.query_source}" for c in made.chosen).items())),
+                  "deduplication": made.dedupe},
+        "agent_h": {"cases": sum(1 for c in made.chosen if c.side == "agent_h"), "positives": len(made.positives),
+                    "rows": len(made.agent_h_rows), "file": f"{AGENT_H}/part-00000.jsonl"},
+        "llm": {"model": model, "prompt_version": PROMPT_VERSION,
+                **{k: made.usage[k] for k in ("requests", "cached", "reasks", "prompt_tokens", "completion_tokens")},
+                "cost_usd": round(cost(made.usage, price), 6)},
+    }
 
 
 def pick_positives(material: dict, config: NegativesConfig) -> list[dict]:
@@ -356,7 +385,7 @@ def write_queries(stage: LLMPass, cases: list[Case], usage: Counter, tally: Coun
     return [c for c in cases if c.query]
 
 
-def answer_cases(stage: LLMPass, train: list[Case], writer: ShardWriter, answers: Tally, usage: Counter, price,
+def answer_cases(stage: LLMPass, train: list[Case], write, dropped, answers: Tally, usage: Counter, price,
                  log) -> None:
     from agentflan_ray.llm.stage import account_rows, cost_line
     from agentflan_ray.negatives.tasks import AnswerTask
@@ -371,15 +400,13 @@ def answer_cases(stage: LLMPass, train: list[Case], writer: ShardWriter, answers
             answers.read("cases")
             if row["status"] == "written":
                 answers.outcome("cases", "written")
-                writer.add(STREAM, row)
-            elif row["status"] == "dropped":
+                write(row)
+                continue
+            if row["status"] == "dropped":
                 answers.outcome("cases", "quarantined", f"answer_{row['reason']}")
-                writer.add(DROPPED, {"id": row["source_id"], "scenario": row["scenario"], "query": row["query"],
-                                     "reason": row["reason"]})
             else:
                 answers.outcome("cases", "dead_lettered", row["reason"].split(":", 1)[0])
-                writer.add(DROPPED, {"id": row["source_id"], "scenario": row["scenario"], "query": row["query"],
-                                     "reason": row["reason"]})
+            dropped({"id": row["source_id"], "scenario": row["scenario"], "query": row["query"], "reason": row["reason"]})
         progress.update(pass_tally, done)
     usage.update(pass_tally.extra["llm"])
 
@@ -397,3 +424,57 @@ def write_jsonl(config: NegativesConfig, relative: str, rows: list[dict]) -> int
 def succeeded(manifest: dict) -> bool:
     return all_accounted(manifest["counts"])
 
+
+
+ANSWER_TOKENS, QUERY_TOKENS = 150, 30  # assumed completion tokens per answer and per written query
+
+
+def estimate(config: NegativesConfig, log=print) -> dict:
+    """`--estimate`: requests, tokens, cost and time of a run, from the real prompts of material read
+    from the first records of the input (``estimate_records`` at most); no API call."""
+    import math
+
+    from agentflan_ray.jobs.estimate import estimate_tokens
+    from agentflan_ray.llm.client import resolve_endpoint
+    from agentflan_ray.negatives.prompts import answer_messages, queries_messages
+    from agentflan_ray.negatives.tasks import brief
+
+    tasks, unmatched = plan_read_tasks(config)
+    if unmatched:
+        raise FileNotFoundError("inputs: " + "; ".join(f"{path} matched no file" for path in unmatched))
+    material = {"tool_query": [], "general_query": [], "tool_list": list(read_catalogs(config))}
+    seen = 0
+    for piece in (p for t in tasks for p in t.ranges if not p.problem):
+        for raw in iter_raw_records(piece, config):
+            if seen >= config.estimate_records:
+                break
+            seen += 1
+            try:
+                found = material_of(parse_record(piece.format, raw.value, piece.source, record_id(raw.value, raw.where),
+                                                 Counter())) if not raw.error else []
+            except (RecordError, RecursionError):
+                found = []
+            for item in found:
+                material.setdefault(item["kind"], []).append(item)
+    queries = [m["text"] for m in material["tool_query"] + material["general_query"]] or ["a typical request"]
+    lists = [brief(m["tools"]) for m in material["tool_list"]] or [[]]
+    answer_prompt = sum(estimate_tokens(json.dumps(answer_messages("irrelevant_tools", lists[i % len(lists)], q)))
+                        for i, q in enumerate(queries)) / len(queries)
+    query_prompt = sum(estimate_tokens(json.dumps(queries_messages("no_tools", tools, config.queries_per_request)))
+                       for tools in lists) / len(lists)
+    wanted = (config.count + config.agent_h_count) * 1.5  # cases are oversampled by half for deduplication
+    query_requests = math.ceil(wanted * config.llm_queries / config.queries_per_request)
+    usage = {"prompt_tokens": round(config.count * answer_prompt + query_requests * query_prompt),
+             "completion_tokens": config.count * ANSWER_TOKENS
+             + query_requests * config.queries_per_request * QUERY_TOKENS}
+    _, model = resolve_endpoint(config.llm)
+    price = price_per_1k(config.llm.prices, model)
+    requests = config.count + query_requests
+    result = {"requests": requests, "answer_requests": config.count, "query_requests": query_requests, **usage,
+              "cost_usd": round(cost(usage, price), 2), "model": model, "sampled_records": seen,
+              "minutes_at_rpm": round(requests / config.llm.rpm, 1) if config.llm.rpm else None}
+    log(f"[negatives --estimate] {requests:,} requests ({config.count:,} answers + {query_requests:,} query-writing "
+        f"requests, at least: more when real queries run short), {usage['prompt_tokens']:,} prompt + "
+        f"{usage['completion_tokens']:,} completion tokens (completions assumed {ANSWER_TOKENS} per answer, "
+        f"{QUERY_TOKENS} per query), ${result['cost_usd']:,.2f} with {model}; no API call made")
+    return result
