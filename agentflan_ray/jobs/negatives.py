@@ -61,6 +61,7 @@ STREAM = "negative"
 DROPPED = "dropped"
 AGENT_H = "agent_h"
 FOLDERS = (STREAM, DROPPED, QUARANTINE)
+REFILL_ROUNDS = 3  # more LLM-written queries for what deduplication left short, at most this often
 DROPPED_SCHEMA = pa.schema([("id", pa.string()), ("scenario", pa.string()), ("query", pa.string()),
                             ("reason", pa.string())])
 
@@ -214,10 +215,29 @@ def produce(config: NegativesConfig, material: dict, probe, write, dropped, log)
     usage: Counter = Counter()
     price = price_per_1k(config.llm.prices, probe.model)
     answers = Tally()
+    held = frozenset(list_id(p["tools"]) for p in positives)
     with LLMPass(config, probe) as stage:
         cases = write_queries(stage, cases, usage, cases_tally, log)
-        kept, dedupe_report = deduplicate(cases, positives, config, cases_tally)
+        considered = len(cases)
+        kept = deduplicate(cases, positives, config, cases_tally)
         chosen = trim(kept, targets, cases_tally)
+        for round_ in range(1, REFILL_ROUNDS + 1):  # duplicates removed more than the oversampling covered
+            short = {key: n - sum(1 for c in chosen if (c.side, c.scenario) == key) for key, n in targets.items()}
+            short = {key: n for key, n in short.items() if n > 0}
+            if not short:
+                break
+            log(f"[negatives] round {round_}: {sum(short.values()):,} cases short after deduplication; writing more")
+            extra = plan_cases(material, short, 1.0, config.seed + round_, config.agent_h_tool_share,
+                               config.queries_per_request, held, prefix=f"r{round_}-")
+            cases_tally["planned"] += len(extra)
+            extra = write_queries(stage, extra, usage, cases_tally, log)
+            considered += len(extra)
+            kept = deduplicate(kept + extra, positives, config, cases_tally)
+            chosen = trim(kept, targets, cases_tally)
+        removed = cases_tally["duplicate_exact"] + cases_tally["duplicate_near"]
+        dedupe_report = {"queries": considered, "exact": cases_tally["duplicate_exact"],
+                         "near": cases_tally["duplicate_near"], "share_removed": round(removed / max(considered, 1), 4),
+                         "threshold": config.dedupe_threshold}
         agent_h_rows = [row for case in chosen if case.side == "agent_h"
                         for row in agent_h.rows(case.id, case.scenario, case.query, case.tools, "no_call",
                                                 case.query_source)]
@@ -295,10 +315,9 @@ def deduplicate(cases: list[Case], positives: list[dict], config: NegativesConfi
     result = dedupe(texts, threshold=config.dedupe_threshold, seed=config.seed)
     offset = len(positives)
     kept = [ordered[i - offset] for i in result.kept if i >= offset]
-    tally["duplicate_exact"], tally["duplicate_near"] = result.exact, result.near
-    report = {"queries": len(texts), "exact": result.exact, "near": result.near,
-              "share_removed": round(result.share_removed, 4), "threshold": config.dedupe_threshold}
-    return kept, report
+    tally["duplicate_exact"] += result.exact
+    tally["duplicate_near"] += result.near
+    return kept
 
 
 def trim(kept: list[Case], targets: dict, tally: Counter) -> list[Case]:

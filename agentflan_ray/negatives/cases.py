@@ -115,7 +115,8 @@ def side_of_list(tools: list[dict], seed: int, agent_h_share: float) -> str:
 
 
 def plan_cases(material: dict[str, list[dict]], targets: dict[tuple[str, str], int], llm_share: float,
-               seed: int, agent_h_share: float, per_request: int, held_lists: frozenset = frozenset()) -> list[Case]:
+               seed: int, agent_h_share: float, per_request: int, held_lists: frozenset = frozenset(),
+               prefix: str = "") -> list[Case]:
     """Cases for every (side, scenario) target, oversampled by half so deduplication leaves enough:
     real queries first (each used once), LLM-written ones for ``llm_share`` and for whatever the
     real ones cannot cover (``per_request`` consecutive ones share a tool list, so one request
@@ -144,7 +145,7 @@ def plan_cases(material: dict[str, list[dict]], targets: dict[tuple[str, str], i
         for i in range(wanted):
             slot = i if i < real else real + (i - real) // per_request
             tool_list = side_lists[slot % len(side_lists)] if side_lists else {"tools": [], "source": ""}
-            case_id = f"{side}-{scenario}-{i:07d}"
+            case_id = f"{side}-{scenario}-{prefix}{i:07d}"
             offered = tool_list["tools"] if scenario == "irrelevant_tools" else []
             if i < real:
                 query = pool[i]

@@ -3,7 +3,7 @@
 Two requests go to the LLM (each a system prompt starting with its marker, then one user message)::
 
     QUERIES_MARKER  write requests for a case        user: {"scenario", "tools": [{"name", "description"}],
-                                                            "count"}
+                                                            "count", "batch"}
                     reply {"queries": ["..", ..]}    exactly ``count`` strings
     ANSWER_MARKER   write the assistant's answer     user: {"scenario", "tools": [{"name", "description"}],
                                                             "query"}
@@ -34,7 +34,8 @@ PROMPT_VERSION = "negatives-v1"
 SCENARIOS = ("no_tools", "irrelevant_tools")
 
 QUERIES_PROMPT = f"""{QUERIES_MARKER} You write realistic user requests for testing an AI assistant.
-Input: a scenario, a list of tools (maybe empty) and a count.
+Input: a scenario, a list of tools (maybe empty), a count and a batch name (other batches ask the same:
+make yours different).
 - no_tools: requests that would need a tool or an action in the world (booking, looking up live
   data, sending, buying), in the domain of the tools listed if any.
 - irrelevant_tools: requests close to the tools' domain that none of the tools can serve, or that
@@ -66,8 +67,10 @@ def answer_messages(scenario: str, tools: list[dict], query: str) -> list[dict]:
     return [{"role": "system", "content": ANSWER_PROMPT}, {"role": "user", "content": user}]
 
 
-def queries_messages(scenario: str, tools: list[dict], count: int) -> list[dict]:
-    user = json.dumps({"scenario": scenario, "tools": tools, "count": count}, ensure_ascii=False,
+def queries_messages(scenario: str, tools: list[dict], count: int, batch: str = "") -> list[dict]:
+    """``batch`` names the request: requests alike in everything else stay distinct (the cache would
+    otherwise hand every one the same queries)."""
+    user = json.dumps({"scenario": scenario, "tools": tools, "count": count, "batch": batch}, ensure_ascii=False,
                       separators=(",", ":"))
     return [{"role": "system", "content": QUERIES_PROMPT}, {"role": "user", "content": user}]
 

@@ -60,8 +60,8 @@ class QueryTask:
         def validate(completion) -> str | None:
             return queries_problem(completion.content, count)[1] or None
 
-        completion = await complete(queries_messages(case.scenario, case.writer_tools, count), {"type": "json_object"},
-                                    validate)
+        completion = await complete(queries_messages(case.scenario, case.writer_tools, count, ids[0]),
+                                    {"type": "json_object"}, validate)
         queries, _ = queries_problem(completion.content, count)
         return [{**Case(i, case.side, case.scenario, q.strip(), case.tools, "llm", case.tool_source).to_row(),
                  "status": "ok", "reason": ""} for i, q in zip(ids, queries, strict=True)]
