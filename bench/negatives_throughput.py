@@ -6,7 +6,8 @@ The bundled real records and T-Eval tools are the material (so most queries are 
 hard case for deduplication), the real `negatives` job runs on a local Ray (2 actors x 64 in flight,
 ``llm.rpm``) against `serve-sim` in its own process. Prints one JSON line: requests, answers per
 second first to last answer over min(rpm / 60, actors * concurrency / latency) (``of_bound``; the
-deduplication between the query pass and the answer pass counts against it), 429 share, cases
+pause between the query pass and the answer pass counts against it; ``passes`` gives each pass's own
+rate), 429 share, cases
 written / dropped / dead-lettered and ``lost`` (cases not accounted for), deduplication figures,
 wall time and cost.
 """
@@ -93,9 +94,21 @@ def main() -> None:
         "written": cases["written"], "dropped": cases["quarantined"], "dead_lettered": cases["dead_lettered"],
         "lost": cases["read"] - cases["written"] - cases["quarantined"] - cases["dead_lettered"],
         "short": manifest["cases"].get("short", 0), "deduplication": manifest["cases"]["deduplication"],
-        "agent_h_rows": manifest["agent_h"]["rows"], "wall_s": round(wall, 1),
+        "passes": passes(times, bound), "agent_h_rows": manifest["agent_h"]["rows"], "wall_s": round(wall, 1),
         "cost_usd_at_sim_prices": manifest["llm"]["cost_usd"],
     }), flush=True)
+
+
+def passes(times: list[float], bound: float, gap_s: float = 2.0) -> list[dict]:
+    """The answer times cut where the simulator was idle for ``gap_s`` (between the query-writing and
+    the answering pass: deduplication, a new actor pool): each pass's rate over the bound."""
+    cuts = [0] + [i for i in range(1, len(times)) if times[i] - times[i - 1] > gap_s] + [len(times)]
+    result = []
+    for start, end in zip(cuts, cuts[1:], strict=False):
+        span = max(times[end - 1] - times[start], 1e-9)
+        result.append({"answers": end - start, "per_s": round((end - start) / span, 1),
+                       "of_bound": round((end - start) / span / bound, 3)})
+    return result
 
 
 if __name__ == "__main__":

@@ -172,3 +172,35 @@ def test_estimate_calls_nothing(simulator, sample_data, tmp_path, monkeypatch, c
     printed = capsys.readouterr().out
     assert "200 answers" in printed and "no API call made" in printed
     assert server.stats()["answered"] == 0 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_rerun_after_a_kill_repeats_no_answered_request(ray_session, simulator, sample_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+    from conftest import REPO, wait_until
+    from test_chat_job import other_jobs_actors
+
+    server, url = simulator(latency_s=0.3)
+    out = tmp_path / "out"
+    args = overrides(sample_data, out, url, "count=40", "agent_h_count=10", "llm.concurrency=2", "llm.actors=1")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "agentflan_ray.cli", "negatives", *args], env=env, cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_until(lambda: server.stats()["answered"] >= 12 or job.poll() is not None, 120, "12 answers")
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(30)
+    wait_until(lambda: not other_jobs_actors(), 60, "the killed job's actors to die")
+    wait_until(lambda: (s := server.stats())["in_flight"] == 0 and s["other_connections"] == 0, 30,
+               "the simulator to answer what was in flight")
+    answered_before = server.stats()["answered"]
+    cached = len(list((out / "llm_cache").rglob("*.json")))
+    assert answered_before >= 12 and cached >= 10 and not (out / "manifest.json").exists()
+
+    manifest = run(args)
+    assert manifest["llm"]["cached"] >= cached and manifest["counts"]["per_source"]["cases"]["written"] == 40
+    assert server.stats()["repeated_answers"] == answered_before - cached
