@@ -31,6 +31,7 @@ JOBS = {
     "chat": ("agentflan_ray.jobs.chat", "answer a file of chat requests through the rate-limited, cached client"),
     "negatives": ("agentflan_ray.jobs.negatives", "Agent-H-style negative samples and the held-out Agent-H set"),
     "train": ("agentflan_ray.jobs.train", "DeepSpeed SFT over generated shards with Ray Train"),
+    "eval": ("agentflan_ray.jobs.eval", "tool-call hallucination (Agent-H) and tool-use accuracy of a model or endpoint"),
 }
 
 

@@ -15,7 +15,8 @@ MINIMAL = ['inputs=[{format: sharegpt, path: "x.json"}]']
 
 
 # Every shipped config and the job that reads it; a new file must be added here.
-JOB_OF = {"demo.yaml": "generate", "chat_demo.yaml": "chat", "train_demo.yaml": "train", "negatives_demo.yaml": "negatives"}
+JOB_OF = {"demo.yaml": "generate", "chat_demo.yaml": "chat", "train_demo.yaml": "train", "negatives_demo.yaml": "negatives",
+          "eval_demo.yaml": "eval"}
 
 
 def test_every_shipped_config_is_mapped_to_its_job():
@@ -32,6 +33,8 @@ def test_every_shipped_config_loads(path):
         assert config.inputs and all(spec.source for spec in config.inputs)
     elif isinstance(config, TrainConfig):
         assert config.data and config.model
+    elif hasattr(config, "sets"):  # eval
+        assert all((REPO / path).exists() for path in config.sets)
     elif hasattr(config, "tool_catalogs"):  # negatives
         assert config.inputs and all((REPO / path).exists() for path in config.tool_catalogs)
     else:

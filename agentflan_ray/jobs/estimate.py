@@ -57,7 +57,7 @@ def estimate(config, log=print) -> dict:
             for messages in rewrite_requests(raw, piece, config, notes, rewritable):
                 requests += 1
                 prompt_tokens += estimate_tokens(json.dumps(messages, sort_keys=True, ensure_ascii=False))
-                drafts = [p["draft"] for p in json.loads(messages[1]["content"])["pieces"]]
+                drafts = [draft for _, _, draft in json.loads(messages[1]["content"])["pieces"]]
                 completion_tokens += estimate_tokens(json.dumps({"pieces": drafts}, ensure_ascii=False))
         records += taken
         piece_records_sum += piece_records(piece, config, taken, taken_bytes, exhausted)

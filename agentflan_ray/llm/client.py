@@ -163,10 +163,11 @@ class LLMClient:
         return params
 
     async def complete(self, messages: list[dict], response_format: dict | None = None,
-                       validate: Callable[[Completion], str | None] | None = None) -> Completion:
+                       validate: Callable[[Completion], str | None] | None = None, strict: bool = True) -> Completion:
         """One reply that passes the default checks (not cut off, not empty, JSON when JSON was asked
         for) and ``validate`` (a problem text, or None); a failing reply is re-asked, with the problem
-        named, up to ``max_reasks`` times. Raises ``ReplyRejected`` after that, or on a dead letter."""
+        named, up to ``max_reasks`` times. Raises ``ReplyRejected`` after that, or on a dead letter.
+        ``strict=False`` takes any reply as it is (an evaluation scores empty and cut-off replies too)."""
         wants_json = bool(response_format and response_format.get("type") == "json_object")
         checks = [c for c in (validate, self.validator) if c is not None]
         attempts, asked, problem, tokens = 0, list(messages), "", [0, 0]
@@ -178,7 +179,7 @@ class LLMClient:
             # Every reply asked for is paid for: the one returned carries the tokens of all of them.
             completion.prompt_tokens, completion.completion_tokens = tokens
             completion.attempts, completion.reasks = attempts, reask
-            problem = default_validation(completion, wants_json) or next(
+            problem = (strict and default_validation(completion, wants_json)) or next(
                 (p for p in (check(completion) for check in checks) if p), None)
             if not problem:
                 return completion

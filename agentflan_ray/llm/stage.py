@@ -126,7 +126,7 @@ class LLMStage:
         return [{**r, **(first if i == 0 else rest)} for i, r in enumerate(out)]
 
     async def complete(self, usage: Usage, messages: list[dict], response_format: dict | None = None,
-                       validate=None) -> Completion:
+                       validate=None, strict: bool = True) -> Completion:
         """One reply that passed validation: from the cache, or asked (and re-asked) under the budget."""
         key = cache_key(self.client.model, messages, self.client.params(response_format), self.llm.prompt_version)
         if self.cache is not None:
@@ -136,7 +136,8 @@ class LLMStage:
                                         hit["completion_tokens"], attempts=0, cached=True)
                 wants_json = bool(response_format and response_format.get("type") == "json_object")
                 # The same checks as a fresh reply: a stored rejected one may have been cut off.
-                problem = default_validation(completion, wants_json) or (validate(completion) if validate else None)
+                problem = (strict and default_validation(completion, wants_json)) or \
+                    (validate(completion) if validate else None)
                 if not problem:
                     usage.cached += 1  # paid for by an earlier run: no tokens counted
                     return completion
@@ -146,7 +147,7 @@ class LLMStage:
                 # else a validator grew stricter since the reply was stored: ask again
         async with self.semaphore:
             try:
-                completion = await self.client.complete(messages, response_format, validate=validate)
+                completion = await self.client.complete(messages, response_format, validate=validate, strict=strict)
             except ReplyRejected as exc:
                 self._count(usage, exc.attempts, exc.reasks, exc.last)
                 if exc.last is not None:  # the task may still use parts of it: a rerun must not pay again

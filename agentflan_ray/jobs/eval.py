@@ -1,0 +1,256 @@
+"""The `eval` job: tool-call hallucination (Agent-H) and tool-use accuracy of a model or an endpoint.
+
+    agentflan-ray eval --config jobs/configs/eval_demo.yaml
+    agentflan-ray eval --config my.yaml model=./model-out sets=[s3://bucket/neg/agent_h]
+    agentflan-ray eval --config my.yaml endpoint=http://vllm:8000/v1 model_name=my-model
+
+Read top to bottom::
+
+    preflight       the sets listed; the model directory checked, or the endpoint's key and model
+    read sets       rows {id, suite, protocol, messages, tools, expect}; bad rows quarantined
+    replies         endpoint: map_batches(LLMStage, EndpointTask) under the budget and cache;
+                    model: map_batches(HFGenerate) on an actor pool, batched greedy generation
+    judge           code, not an LLM: ``evaluating.judge.find_call`` on every reply
+    report          report.json, report.md (the paper's rows beside ours), cases/part-00000.parquet,
+                    then the manifest, last
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import posixpath
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import ray
+
+from agentflan_ray.config import ConfigError, JobConfig
+from agentflan_ray.evaluating.report import deltas, markdown, score
+from agentflan_ray.evaluating.sets import read_sets, tool_names
+from agentflan_ray.llm.settings import LLMConfig, cost, price_per_1k
+from agentflan_ray.storage import expand, filesystem, join, s3_endpoint
+from agentflan_ray.writing.accounting import Progress, Tally, all_accounted
+from agentflan_ray.writing.manifest import build_manifest, finish_output, start_output
+from agentflan_ray.writing.shards import QUARANTINE, ShardWriter
+
+NAME = "eval"
+CASES = "cases"
+FOLDERS = (CASES, QUARANTINE)
+SOURCE = "cases"
+CASE_SCHEMA = pa.schema([
+    ("id", pa.string()), ("suite", pa.string()), ("protocol", pa.string()), ("reply", pa.string()),
+    ("finish_reason", pa.string()), ("called", pa.bool_()), ("call_name", pa.string()),
+    ("call_arguments", pa.string()), ("rule", pa.string()), ("matched", pa.string()), ("expect", pa.string()),
+    ("name_right", pa.bool_()), ("arguments_right", pa.bool_()), ("correct", pa.bool_()), ("error", pa.string()),
+])
+BAD_SCHEMA = pa.schema([("where", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("row", pa.string())])
+
+
+@dataclass
+class EvalConfig(JobConfig):
+    """The `eval` job (see the module docstring)."""
+
+    sets: list[str] = field(default_factory=list)  # JSONL or Parquet files, globs or folders; local or s3://
+    output: str = "./out/eval"
+    model: str = ""  # a Hugging Face model directory (the train job's export), local or s3://
+    endpoint: str = ""  # or an OpenAI-compatible base URL (vLLM, OpenAI, the simulator)
+    model_name: str = ""  # the endpoint's model
+    llm: LLMConfig = field(default_factory=lambda: LLMConfig(temperature=0.0, max_tokens=512))
+    max_new_tokens: int = 256  # model backend
+    batch_size: int = 8  # model backend: cases per generate call
+    actors: int = 1  # model backend
+    num_gpus: float = 0.0  # model backend: per actor
+    compare: str = ""  # another run's report.json: deltas in the report
+
+    def validate(self, key: str = "") -> None:
+        if not self.sets:
+            raise ConfigError("sets: at least one evaluation set is required")
+        if bool(self.model) == bool(self.endpoint or self.llm.base_url):
+            raise ConfigError("give either model= (a model directory) or endpoint= (an OpenAI-compatible URL)")
+        if self.endpoint:
+            self.llm.base_url = self.endpoint
+        if self.model_name:
+            self.llm.model = self.model_name
+        for name in ("max_new_tokens", "batch_size", "actors"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be positive")
+
+
+Config = EvalConfig
+
+
+def preflight(config: EvalConfig):
+    if not config.storage.endpoint_url:
+        config.storage.endpoint_url = s3_endpoint(config.storage)
+    missing = [spec for spec in config.sets if not expand(spec, config.storage)]
+    if missing:
+        raise FileNotFoundError("sets: " + "; ".join(f"{spec} matched no file" for spec in missing))
+    if config.model:
+        fs, base = filesystem(config.model, config.storage)
+        import pyarrow.fs as pafs
+
+        if fs.get_file_info(posixpath.join(base, "config.json")).type != pafs.FileType.File:
+            raise FileNotFoundError(f"model: {config.model} is not a Hugging Face model directory (no config.json)")
+        return None
+    from agentflan_ray.llm.client import LLMClient
+
+    probe = LLMClient(config.llm)
+    asyncio.run(probe.preflight())
+    return probe
+
+
+def run(config: EvalConfig, log=print, prepared=None) -> dict:
+    started = time.monotonic()
+    probe = prepared if prepared is not None or config.model else preflight(config)
+    start_output(config.output, config.storage)
+    cases, bad, files = read_sets(config.sets, config.storage)
+    tally = Tally()
+    for row in bad:
+        tally.read(SOURCE)
+        tally.outcome(SOURCE, "quarantined", row["reason"])
+    log(f"[eval] {len(cases):,} cases ({len(bad):,} quarantined) from {len(files)} files -> {config.output}")
+    replies, usage = (generate_hf(config, cases, log) if config.model else ask_endpoint(config, cases, probe, log))
+    writer = ShardWriter(config.output, config.storage, lambda f: BAD_SCHEMA if f == QUARANTINE else CASE_SCHEMA)
+    for row in bad:
+        writer.add(QUARANTINE, row)
+    results = []
+    for case in cases:
+        reply = replies[case["id"]]
+        tally.read(SOURCE)
+        if reply["error"]:
+            tally.outcome(SOURCE, "dead_lettered", reply["error"].split(":", 1)[0])
+            writer.add(CASES, {**judged(case, reply), "error": reply["error"]})
+            continue
+        row = judged(case, reply)
+        tally.outcome(SOURCE, "written")
+        writer.add(CASES, row)
+        results.append({**row, "expect_call": case["expect"] != "no_call"})
+    tally.files = writer.close()
+    model = {"backend": "model" if config.model else "endpoint",
+             "name": config.model or (probe.model if probe else ""), "base_url": "" if config.model else config.llm.base_url}
+    report = {"model": model, "generation": generation(config), "scores": score(results),
+              "sets": [{"path": path, "sha256": digest(path, config)} for path in files]}
+    if config.compare:
+        other = read_json(config.compare, config)
+        report["compare"] = {"report": config.compare, "deltas": deltas(report["scores"], other.get("scores", {}))}
+    write_text(config, "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text(config, "report.md", markdown(report, read_json(config.compare, config) if config.compare else None))
+    manifest = build_manifest(NAME, config, tally, scores=report["scores"], llm=usage,
+                              seconds=round(time.monotonic() - started, 3))
+    finish_output(config.output, config.storage, FOLDERS, manifest)
+    log(markdown(report).split("\n## ")[0])
+    if "agent_h" in report["scores"]:
+        h = report["scores"]["agent_h"]
+        log(f"[eval] H_ReAct {h['H_ReAct']:.1f} · H_General {h['H_General']:.1f} · H_Score {h['H_Score']:.1f}")
+    return manifest
+
+
+def judged(case: dict, reply: dict) -> dict:
+    from agentflan_ray.evaluating.judge import find_call, same_call
+
+    offered = tool_names(case)
+    verdict = find_call(reply["reply"], offered)
+    expect = case["expect"]
+    if expect == "no_call":
+        name_right = arguments_right = False
+        correct = not verdict.called
+    else:
+        name_right, arguments_right = same_call(verdict, expect, offered) if verdict.called else (False, False)
+        correct = name_right and arguments_right
+    return {"id": case["id"], "suite": case["suite"], "protocol": case["protocol"], "reply": reply["reply"],
+            "finish_reason": reply["finish_reason"], "called": verdict.called, "call_name": verdict.name,
+            "call_arguments": json.dumps(verdict.arguments, ensure_ascii=False, sort_keys=True)
+            if verdict.arguments is not None else "",
+            "rule": verdict.rule, "matched": verdict.matched,
+            "expect": expect if isinstance(expect, str) else json.dumps(expect, ensure_ascii=False, sort_keys=True),
+            "name_right": name_right, "arguments_right": arguments_right, "correct": correct, "error": ""}
+
+
+def case_rows(cases: list[dict]) -> list[dict]:
+    return [{"id": c["id"], "messages": json.dumps(c["messages"], ensure_ascii=False)} for c in cases]
+
+
+def ask_endpoint(config: EvalConfig, cases: list[dict], probe, log) -> tuple[dict, dict]:
+    from agentflan_ray.evaluating.backends import CASE_ROW_SCHEMA, REPLY_SCHEMA, EndpointTask
+    from agentflan_ray.llm.budget import create_budget
+    from agentflan_ray.llm.client import Secret
+    from agentflan_ray.llm.stage import LLMStage, account_rows, cost_line
+
+    llm = config.llm
+    price = price_per_1k(llm.prices, probe.model)
+    budget = create_budget(llm.rpm, llm.tpm, llm.burst_s, llm.learn_limits)
+    replies, asked = {}, Tally()
+    if cases:
+        blocks = max(1, min(len(cases) // max(llm.batch_size, 1) + 1, 64))
+        dataset = ray.data.from_arrow(pa.Table.from_pylist(case_rows(cases), schema=CASE_ROW_SCHEMA)).repartition(blocks)
+        results = dataset.map_batches(
+            LLMStage, fn_constructor_kwargs={"task": EndpointTask(), "schema": REPLY_SCHEMA, "llm": llm,
+                                             "storage": config.storage, "cache_uri": join(config.output, "llm_cache"),
+                                             "budget": budget, "api_key": Secret(probe.api_key)},
+            batch_size=llm.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=llm.actors),
+            num_cpus=0.25, scheduling_strategy="SPREAD")
+        progress = Progress(NAME, len(cases), "cases", log, config.progress, detail=lambda t: cost_line(t, price))
+        for table in results.iter_batches(batch_format="pyarrow", batch_size=None):
+            done = account_rows(table, asked, SOURCE)
+            for row in table.to_pylist():
+                replies[row["id"]] = row
+            progress.update(asked, done)
+    usage = asked.extra["llm"]
+    return replies, {"model": probe.model, **{k: usage[k] for k in ("requests", "cached", "reasks", "prompt_tokens",
+                                                                       "completion_tokens")},
+                     "cost_usd": round(cost(usage, price), 6)}
+
+
+def generate_hf(config: EvalConfig, cases: list[dict], log) -> tuple[dict, dict]:
+    from agentflan_ray.evaluating.backends import CASE_ROW_SCHEMA, HFGenerate
+
+    log(f"[eval] generating with {config.model} ({config.actors} actor(s), batches of {config.batch_size})")
+    replies = {}
+    if cases:
+        blocks = max(1, min(len(cases) // config.batch_size + 1, 64))
+        dataset = ray.data.from_arrow(pa.Table.from_pylist(case_rows(cases), schema=CASE_ROW_SCHEMA)).repartition(blocks)
+        results = dataset.map_batches(
+            HFGenerate, fn_constructor_kwargs={"model": config.model, "storage": config.storage,
+                                               "max_new_tokens": config.max_new_tokens},
+            batch_size=config.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.actors),
+            num_gpus=config.num_gpus or None, num_cpus=1)
+        progress = Progress(NAME, len(cases), "cases", log, config.progress)
+        tally = Tally()
+        for table in results.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in table.to_pylist():
+                replies[row["id"]] = row
+                tally.read(SOURCE)
+            progress.update(tally, table.num_rows)
+    return replies, {"model": config.model, "requests": 0}
+
+
+def generation(config: EvalConfig) -> dict:
+    if config.model:
+        return {"decoding": "greedy", "max_new_tokens": config.max_new_tokens}
+    return {"temperature": config.llm.temperature, "max_tokens": config.llm.max_tokens}
+
+
+def digest(path: str, config: EvalConfig) -> str:
+    fs, _ = filesystem(path, config.storage)
+    with fs.open_input_stream(path) as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def read_json(uri: str, config: EvalConfig) -> dict:
+    fs, path = filesystem(uri, config.storage)
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def write_text(config: EvalConfig, name: str, text: str) -> None:
+    fs, base = filesystem(config.output, config.storage)
+    fs.create_dir(base, recursive=True)
+    with fs.open_output_stream(posixpath.join(base, name)) as out:
+        out.write(text.encode())
+
+
+def succeeded(manifest: dict) -> bool:
+    return all_accounted(manifest["counts"])
