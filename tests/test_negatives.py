@@ -204,3 +204,12 @@ def test_a_rerun_after_a_kill_repeats_no_answered_request(ray_session, simulator
     manifest = run(args)
     assert manifest["llm"]["cached"] >= cached and manifest["counts"]["per_source"]["cases"]["written"] == 40
     assert server.stats()["repeated_answers"] == answered_before - cached
+
+
+def test_a_missing_tool_catalog_stops_generate_before_ray_starts(sample_data, tmp_path, capsys):
+    from conftest import demo_overrides
+
+    args = [*demo_overrides(sample_data, tmp_path / "out"), "negatives.count=5",
+            f'negatives.tool_catalogs=["{tmp_path}/no-such-catalog.json"]']
+    assert main(["generate", *args]) == 2
+    assert "no-such-catalog.json" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -51,7 +51,7 @@ from agentflan_ray.records import (
     ToolTrajectory,
     trajectory_to_row,
 )
-from agentflan_ray.storage import filesystem, join, s3_endpoint
+from agentflan_ray.storage import expand, filesystem, join, s3_endpoint
 from agentflan_ray.writing.accounting import Progress, Tally, all_accounted
 from agentflan_ray.writing.manifest import build_manifest, finish_output, start_output
 from agentflan_ray.writing.shards import QUARANTINE, ShardWriter, sample_schema
@@ -227,6 +227,9 @@ def preflight(config: GenerateConfig) -> tuple[list[ReadTask], LLMClient | None]
     tasks, unmatched = plan_read_tasks(config)
     if unmatched:
         raise FileNotFoundError("inputs: " + "; ".join(f"{path} matched no file" for path in unmatched))
+    missing = [spec for spec in config.negatives.tool_catalogs if not expand(spec, config.storage)]
+    if config.negatives.count and missing:
+        raise FileNotFoundError("negatives.tool_catalogs: " + "; ".join(f"{p} matched no file" for p in missing))
     probe = None
     if config.rewrite == "llm" or config.negatives.count:
         from agentflan_ray.llm.client import LLMClient
