@@ -211,7 +211,10 @@ def generate_hf(config: EvalConfig, cases: list[dict], log) -> tuple[dict, dict]
     replies = {}
     if cases:
         blocks = max(1, min(len(cases) // config.batch_size + 1, 64))
-        dataset = ray.data.from_arrow(pa.Table.from_pylist(case_rows(cases), schema=CASE_ROW_SCHEMA)).repartition(blocks)
+        # Cases of about the same length batched together: a left-padded batch costs as much as its
+        # longest prompt (and a dense mask of that size) for every row.
+        by_length = sorted(case_rows(cases), key=lambda row: len(row["messages"]))
+        dataset = ray.data.from_arrow(pa.Table.from_pylist(by_length, schema=CASE_ROW_SCHEMA)).repartition(blocks)
         results = dataset.map_batches(
             HFGenerate, fn_constructor_kwargs={"model": config.model, "storage": config.storage,
                                                "max_new_tokens": config.max_new_tokens},
