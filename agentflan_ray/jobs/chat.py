@@ -33,6 +33,7 @@ from agentflan_ray.llm.budget import create_budget
 from agentflan_ray.llm.client import LLMClient, Secret
 from agentflan_ray.llm.settings import LLMConfig, cost, price_per_1k
 from agentflan_ray.llm.stage import BadInput, LLMStage, account_rows, cost_line
+from agentflan_ray.reading.parquet_files import read_parquet_files
 from agentflan_ray.storage import expand, filesystem, join, s3_endpoint
 from agentflan_ray.writing.accounting import Progress, Tally, all_accounted
 from agentflan_ray.writing.manifest import build_manifest, finish_output, start_output
@@ -160,7 +161,8 @@ def read_requests(config: ChatConfig, paths: list[str]) -> ray.data.Dataset:
     fs, _ = filesystem(config.input, config.storage)
     # Reading request lines is light; a fraction of a CPU leaves room beside the stage's actors.
     if all(p.endswith(".parquet") for p in paths):
-        return ray.data.read_parquet(paths, filesystem=fs, columns=["request"], num_cpus=0.25)
+        scheme = "s3://" if config.input.startswith("s3://") else ""
+        return read_parquet_files([scheme + p for p in paths], config.storage, config.llm.batch_size, ["request"])
     return ray.data.read_text(paths, filesystem=fs, drop_empty_lines=True, num_cpus=0.25)
 
 

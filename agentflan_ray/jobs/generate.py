@@ -26,9 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 
 from agentflan_ray.aligning.align import align
@@ -39,6 +37,7 @@ from agentflan_ray.config import ConfigError, JobConfig
 from agentflan_ray.llm.settings import LLMConfig, cost, price_per_1k
 from agentflan_ray.negatives.settings import NegativeStream
 from agentflan_ray.reading.decode import PREVIEW, RawRecord, iter_raw_records
+from agentflan_ray.reading.parquet_files import read_parquet_files
 from agentflan_ray.reading.parse import parse_record
 from agentflan_ray.reading.plan import FileRange, ReadTask, plan_read_tasks
 from agentflan_ray.reading.turns import record_id
@@ -323,14 +322,6 @@ def negative_stream(config: GenerateConfig, tasks: list[ReadTask], probe, tally:
     return {"cases": summary["cases"], "llm": summary["llm"]}
 
 
-def read_queue_part(batch: pa.Table, root: str, storage, rows: int):
-    """A queue part in blocks of ``rows``, so the stage's actors share its rows out."""
-    fs, base = filesystem(root, storage)
-    with fs.open_input_file(posixpath.join(base, batch.column("path")[0].as_py())) as f:
-        for piece in pq.ParquetFile(f).iter_batches(batch_size=rows):
-            yield pa.Table.from_batches([piece])
-
-
 def projected_cost_line(tally: Tally, price: dict, total: int) -> str:
     from agentflan_ray.llm.stage import cost_line
 
@@ -370,12 +361,8 @@ def rewrite_queued(config: GenerateConfig, queue: list[str], probe: LLMClient, f
         preserve_order = context.execution_options.preserve_order
         context.execution_options.preserve_order = True  # rows come back in queue order
         try:
-            # One light task per queue part (read_parquet would list files in a task that needs a
-            # whole CPU, which the stage's actors may already share out: a deadlock on small nodes).
-            parts = ray.data.from_items([{"path": path} for path in queue], override_num_blocks=len(queue))
-            dataset = parts.map_batches(read_queue_part, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                                        fn_kwargs={"root": config.output, "storage": config.storage,
-                                                   "rows": llm.batch_size})
+            dataset = read_parquet_files([join(config.output, path) for path in queue], config.storage,
+                                         llm.batch_size)
             results = dataset.map_batches(
                 LLMStage,
                 fn_constructor_kwargs={"task": RewriteTask(config.seed, probe.model),
