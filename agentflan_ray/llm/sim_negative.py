@@ -44,6 +44,7 @@ import random
 import re
 from string import Formatter
 
+from agentflan_ray.llm.sim_rewrite import parse_request  # the original request, re-asks too
 from agentflan_ray.negatives.prompts import ANSWER_MARKER, QUERIES_MARKER
 
 MAX_QUERIES = 100  # a larger count is answered with this many
@@ -341,15 +342,6 @@ def is_negative(messages: list[dict]) -> bool:
 
 def is_queries(messages: list[dict]) -> bool:
     return str(messages[0].get("content") or "").startswith(QUERIES_MARKER)
-
-
-def parse_request(messages: list[dict]) -> dict | None:
-    """The original request (``messages[1]``) as a dict, or None when it is not a JSON object."""
-    try:
-        request = json.loads(messages[1]["content"])
-    except (IndexError, KeyError, TypeError, ValueError, RecursionError):
-        return None
-    return request if isinstance(request, dict) else None
 
 
 def _string(value) -> str:
