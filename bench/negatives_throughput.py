@@ -17,20 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
-
-
-def stats(base_url: str) -> dict:
-    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/stats?times=1", timeout=30) as response:
-        return json.loads(response.read())
+sys.path.insert(0, str(REPO / "bench"))
+from _simulator import start_simulator, stats  # noqa: E402
 
 
 def main() -> None:
@@ -45,18 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    port = 19500 + os.getpid() % 400
-    server = subprocess.Popen([sys.executable, "-m", "agentflan_ray.cli", "serve-sim", "--port", str(port),
-                               "--latency", str(args.latency), "--rpm", str(args.rpm), "--corrupt", str(args.corrupt)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base_url = f"http://127.0.0.1:{port}/v1"
+    server, base_url = start_simulator("--latency", str(args.latency), "--rpm", str(args.rpm), "--corrupt", str(args.corrupt), port_base=19500)
     try:
-        for _ in range(100):
-            try:
-                stats(base_url)
-                break
-            except OSError:
-                time.sleep(0.1)
         import ray
 
         from agentflan_ray.config import load_config

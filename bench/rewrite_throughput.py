@@ -25,25 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
+from _simulator import start_simulator, stats  # noqa: E402
 from template_throughput import make_input  # noqa: E402
 
 NAIVE_INSTRUCTION = ("Rewrite the following agent trajectory so that every assistant turn reads as natural "
                      "first-person prose. Keep every tool call, argument and observation exactly as it is. "
                      "Return the whole trajectory as JSON in the same structure.")
-
-
-def stats(base_url: str) -> dict:
-    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/stats?times=1", timeout=30) as response:
-        return json.loads(response.read())
 
 
 def naive_tokens(messages: list[dict]) -> int:
@@ -66,18 +60,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    port = 19000 + os.getpid() % 1000
-    server = subprocess.Popen([sys.executable, "-m", "agentflan_ray.cli", "serve-sim", "--port", str(port),
-                               "--latency", str(args.latency), "--rpm", str(args.rpm), "--corrupt", str(args.corrupt)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base_url = f"http://127.0.0.1:{port}/v1"
+    server, base_url = start_simulator("--latency", str(args.latency), "--rpm", str(args.rpm), "--corrupt", str(args.corrupt), port_base=19000)
     try:
-        for _ in range(100):
-            try:
-                stats(base_url)
-                break
-            except OSError:
-                time.sleep(0.1)
         import pyarrow.parquet as pq
         import ray
 

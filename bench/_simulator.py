@@ -1,0 +1,30 @@
+"""`serve-sim` in its own process for the benchmarks, and its /stats."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+
+def stats(base_url: str) -> dict:
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/stats?times=1", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def start_simulator(*flags: str, port_base: int) -> tuple[subprocess.Popen, str]:
+    """``(process, base_url)`` once the simulator answers; ``flags`` as for ``serve-sim``."""
+    port = port_base + os.getpid() % 400
+    server = subprocess.Popen([sys.executable, "-m", "agentflan_ray.cli", "serve-sim", "--port", str(port), *flags],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(100):
+        try:
+            stats(base_url)
+            break
+        except OSError:
+            time.sleep(0.1)
+    return server, base_url
