@@ -42,6 +42,32 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
     return value
 
 
+def other_jobs_actors() -> list[str]:
+    """Live actors of this test's Ray that belong to a job other than this test process's and die
+    with it (detached ones, such as Ray Data's statistics actor, outlive every job)."""
+    import ray
+    import ray._private.state
+
+    own = ray.get_runtime_context().get_job_id()
+    return [a["ActorClassName"] for a in ray._private.state.actors().values()
+            if a["State"] == "ALIVE" and a["JobID"] != own and not a["IsDetached"]]
+
+
+def kill_and_settle(job, server, out) -> tuple[int, int]:
+    """SIGKILL a job started in its own session, wait until its actors on this test's Ray are gone and
+    the simulator has read and answered everything they had sent; ``(answered, cached replies)``."""
+    import signal
+
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(30)
+    # The killed driver's actors die with it; the simulator still answers what they had sent (nobody
+    # reads it, nobody caches it), and what they sent may still sit unread in its sockets.
+    wait_until(lambda: not other_jobs_actors(), 60, "the killed job's actors to die")
+    wait_until(lambda: (s := server.stats())["in_flight"] == 0 and s["other_connections"] == 0, 30,
+               "the simulator to answer what was in flight")
+    return server.stats()["answered"], len(list((out / "llm_cache").rglob("*.json")))
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     from moto.server import ThreadedMotoServer

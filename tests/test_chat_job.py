@@ -4,7 +4,6 @@ bad key stopping the job at once."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, SIM_KEY
+from conftest import REPO, SIM_KEY, kill_and_settle
 
 from agentflan_ray.cli import main
 from agentflan_ray.config import load_config
@@ -52,17 +51,6 @@ def wait_until(condition, timeout: float, what: str, debug=None) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f": {debug()}" if debug else ""))
         time.sleep(0.1)
-
-
-def other_jobs_actors() -> list[str]:
-    """Live actors of this test's Ray that belong to a job other than this test process's and die
-    with it (detached ones, such as Ray Data's statistics actor, outlive every job)."""
-    import ray
-    import ray._private.state
-
-    own = ray.get_runtime_context().get_job_id()
-    return [a["ActorClassName"] for a in ray._private.state.actors().values()
-            if a["State"] == "ALIVE" and a["JobID"] != own and not a["IsDetached"]]
 
 
 @pytest.mark.slow
@@ -139,17 +127,7 @@ def test_rerun_after_a_kill_pays_nothing_for_answered_requests(ray_session, simu
         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     wait_until(lambda: server.stats()["answered"] >= 50 or job.poll() is not None, 120, "50 answers")
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait(30)
-    # The killed driver's actors on this test's Ray die with it; the simulator still answers what
-    # they had sent (nobody reads it, nobody caches it).
-    wait_until(lambda: not other_jobs_actors(), 60, "the killed job's actors to die", debug=other_jobs_actors)
-    # What they had sent may still sit unread in the simulator's sockets: wait until it has answered
-    # everything and every connection of the killed job is closed.
-    wait_until(lambda: (s := server.stats())["in_flight"] == 0 and s["other_connections"] == 0, 30,
-               "the simulator to answer what was in flight", debug=server.stats)
-    answered_before = server.stats()["answered"]
-    cached = len(list((out / "llm_cache").rglob("*.json")))
+    answered_before, cached = kill_and_settle(job, server, out)
     assert 50 <= answered_before < 150 and cached >= 40
     assert not (out / "manifest.json").exists()
 

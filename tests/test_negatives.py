@@ -177,13 +177,11 @@ def test_estimate_calls_nothing(simulator, sample_data, tmp_path, monkeypatch, c
 @pytest.mark.slow
 def test_a_rerun_after_a_kill_repeats_no_answered_request(ray_session, simulator, sample_data, tmp_path):
     import os
-    import signal
     import subprocess
     import sys
 
     import ray
-    from conftest import REPO, wait_until
-    from test_chat_job import other_jobs_actors
+    from conftest import REPO, kill_and_settle, wait_until
 
     server, url = simulator(latency_s=0.3)
     out = tmp_path / "out"
@@ -192,13 +190,7 @@ def test_a_rerun_after_a_kill_repeats_no_answered_request(ray_session, simulator
     job = subprocess.Popen([sys.executable, "-m", "agentflan_ray.cli", "negatives", *args], env=env, cwd=REPO,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_until(lambda: server.stats()["answered"] >= 12 or job.poll() is not None, 120, "12 answers")
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait(30)
-    wait_until(lambda: not other_jobs_actors(), 60, "the killed job's actors to die")
-    wait_until(lambda: (s := server.stats())["in_flight"] == 0 and s["other_connections"] == 0, 30,
-               "the simulator to answer what was in flight")
-    answered_before = server.stats()["answered"]
-    cached = len(list((out / "llm_cache").rglob("*.json")))
+    answered_before, cached = kill_and_settle(job, server, out)
     assert answered_before >= 12 and cached >= 10 and not (out / "manifest.json").exists()
 
     manifest = run(args)

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, SIM_KEY, demo_overrides, wait_until
+from conftest import REPO, SIM_KEY, demo_overrides, kill_and_settle, wait_until
 from test_aligning import TOOLBENCH, agentinstruct_trajectories
 
 from agentflan_ray.aligning import prompts
@@ -298,7 +297,6 @@ def test_a_400_dead_letters_one_trajectory_and_it_falls_back(ray_session, simula
 @pytest.mark.slow
 def test_a_rerun_after_a_kill_repeats_no_answered_request(ray_session, simulator, sample_data, tmp_path):
     import ray
-    from test_chat_job import other_jobs_actors
 
     server, url = simulator(latency_s=0.3)
     out = tmp_path / "out"
@@ -307,13 +305,7 @@ def test_a_rerun_after_a_kill_repeats_no_answered_request(ray_session, simulator
     job = subprocess.Popen([sys.executable, "-m", "agentflan_ray.cli", "generate", *overrides], env=env, cwd=REPO,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_until(lambda: server.stats()["answered"] >= 10 or job.poll() is not None, 120, "10 answers")
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait(30)
-    wait_until(lambda: not other_jobs_actors(), 60, "the killed job's actors to die")
-    wait_until(lambda: (s := server.stats())["in_flight"] == 0 and s["other_connections"] == 0, 30,
-               "the simulator to answer what was in flight")
-    answered_before = server.stats()["answered"]
-    cached = len(list((out / "llm_cache").rglob("*.json")))
+    answered_before, cached = kill_and_settle(job, server, out)
     assert 10 <= answered_before < 36 and cached >= 8 and not (out / "manifest.json").exists()
 
     manifest = run_generate(overrides)
