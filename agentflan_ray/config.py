@@ -37,10 +37,27 @@ def require_at_least(obj, key: str, names: tuple[str, ...], minimum: int) -> Non
 
 
 @dataclass
+class Placement:
+    """Where read, align and LLM-call work runs on a cluster with CPU and GPU nodes.
+
+    With ``cpu_resource`` set (``cpu_node`` in the definitions under ``cluster/``: a custom resource
+    only the CPU nodes declare), every such task and actor asks for a sliver of it, so none lands on
+    a GPU node; empty (the default, a laptop or a CPU-only cluster): anywhere.
+    """
+
+    cpu_resource: str = ""
+
+    def remote_args(self) -> dict:
+        return {"resources": {self.cpu_resource: 0.001}} if self.cpu_resource else {}
+
+
+@dataclass
 class JobConfig:
-    """What every job shares: where ``s3://`` paths go, which Ray cluster, whether to print progress."""
+    """What every job shares: where ``s3://`` paths go, which Ray cluster, whether to print progress,
+    where data and LLM work may run."""
 
     storage: StorageConfig = field(default_factory=StorageConfig)
+    placement: Placement = field(default_factory=Placement)
     ray_address: str = ""  # empty: $RAY_ADDRESS (as under ray job submit), else a local Ray
     progress: bool = True
 

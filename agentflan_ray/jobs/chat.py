@@ -162,8 +162,10 @@ def read_requests(config: ChatConfig, paths: list[str]) -> ray.data.Dataset:
     # Reading request lines is light; a fraction of a CPU leaves room beside the stage's actors.
     if all(p.endswith(".parquet") for p in paths):
         scheme = "s3://" if config.input.startswith("s3://") else ""
-        return read_parquet_files([scheme + p for p in paths], config.storage, config.llm.batch_size, ["request"])
-    return ray.data.read_text(paths, filesystem=fs, drop_empty_lines=True, num_cpus=0.25)
+        return read_parquet_files([scheme + p for p in paths], config.storage, config.llm.batch_size, ["request"],
+                                  placement=config.placement)
+    return ray.data.read_text(paths, filesystem=fs, drop_empty_lines=True, num_cpus=0.25,
+                              **config.placement.remote_args())
 
 
 def run(config: ChatConfig, log=print, prepared: tuple[list[str], LLMClient] | None = None) -> dict:
@@ -188,6 +190,7 @@ def run(config: ChatConfig, log=print, prepared: tuple[list[str], LLMClient] | N
                                    "api_key": Secret(probe.api_key)},
             batch_size=llm.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=llm.actors),
             num_cpus=0.25, scheduling_strategy="SPREAD",  # actors on every node, so every node's network is used
+            **config.placement.remote_args(),
         )
         tally = Tally()
         price = price_per_1k(llm.prices, probe.model)

@@ -251,7 +251,7 @@ def run(config: GenerateConfig, log=print, prepared: tuple[list[ReadTask], LLMCl
         context.retried_map_errors = True
         context.max_map_retries = config.task_retries
         dataset = ray.data.from_items([t.to_row() for t in tasks], override_num_blocks=len(tasks))
-        results = dataset.map(run_read_task, fn_kwargs={"config": config})
+        results = dataset.map(run_read_task, fn_kwargs={"config": config}, **config.placement.remote_args())
         progress = Progress(NAME, len(tasks), "read tasks", log, config.progress)
         for row in results.iter_rows():
             tally.merge(row["stats"])
@@ -362,7 +362,7 @@ def rewrite_queued(config: GenerateConfig, queue: list[str], probe: LLMClient, f
         context.execution_options.preserve_order = True  # rows come back in queue order
         try:
             dataset = read_parquet_files([join(config.output, path) for path in queue], config.storage,
-                                         llm.batch_size)
+                                         llm.batch_size, placement=config.placement)
             results = dataset.map_batches(
                 LLMStage,
                 fn_constructor_kwargs={"task": RewriteTask(config.seed, probe.model),
@@ -370,7 +370,7 @@ def rewrite_queued(config: GenerateConfig, queue: list[str], probe: LLMClient, f
                                        "cache_uri": join(config.output, "llm_cache"), "budget": budget,
                                        "api_key": Secret(probe.api_key)},
                 batch_size=llm.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=llm.actors),
-                num_cpus=0.25, scheduling_strategy="SPREAD",
+                num_cpus=0.25, scheduling_strategy="SPREAD", **config.placement.remote_args(),
             )
             writer = ShardWriter(config.output, config.storage, sample_schema, config.row_group_rows,
                                  first_part=first_part, rows_per_file=REWRITE_ROWS_PER_FILE)

@@ -190,7 +190,7 @@ def read_material(config: NegativesConfig, tasks: list[ReadTask], catalogs: list
     material = {k: [] for k in ("tool_query", "tool_list", "general_query", "positive")}
     if tasks:
         dataset = ray.data.from_items([t.to_row() for t in tasks], override_num_blocks=len(tasks))
-        for row in dataset.map(material_task, fn_kwargs={"config": config}).iter_rows():
+        for row in dataset.map(material_task, fn_kwargs={"config": config}, **config.placement.remote_args()).iter_rows():
             if records is not None:
                 records.merge(row["stats"])
             for item in json.loads(row["material"]):
@@ -364,7 +364,7 @@ class LLMPass:
                                              "cache_uri": join(self.config.output, "llm_cache"), "budget": self.budget,
                                              "api_key": Secret(self.probe.api_key)},
             batch_size=llm.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=llm.actors),
-            num_cpus=0.25, scheduling_strategy="SPREAD")
+            num_cpus=0.25, scheduling_strategy="SPREAD", **self.config.placement.remote_args())
         return results.iter_batches(batch_format="pyarrow", batch_size=None)
 
 

@@ -11,13 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from agentflan_ray.config import Placement
 from agentflan_ray.storage import StorageConfig, filesystem
 
 
-def read_parquet_files(uris: list[str], storage: StorageConfig, rows: int, columns: list[str] | None = None):
+def read_parquet_files(uris: list[str], storage: StorageConfig, rows: int, columns: list[str] | None = None,
+                       placement: Placement | None = None):
     files = ray.data.from_items([{"uri": uri} for uri in uris], override_num_blocks=max(len(uris), 1))
     return files.map_batches(_read, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                             fn_kwargs={"storage": storage, "rows": rows, "columns": columns})
+                             fn_kwargs={"storage": storage, "rows": rows, "columns": columns},
+                             **(placement.remote_args() if placement else {}))
 
 
 def _read(batch: pa.Table, storage: StorageConfig, rows: int, columns: list[str] | None):
