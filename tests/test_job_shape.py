@@ -38,13 +38,13 @@ def test_train_refuses_an_output_without_its_manifest_before_ray_train_starts(ti
     (half_written / "general").mkdir(parents=True)
     (half_written / "general/part-00000.parquet").write_bytes((tiny / "data/general/part-00000.parquet").read_bytes())
     started = time.monotonic()
-    with pytest.raises(IncompleteOutput, match=r"half/manifest.json not found: .* is not a finished `generate` output"):
+    with pytest.raises(IncompleteOutput, match=r"half/manifest.json not found: .* is not a finished job output"):
         run_train(train_config(tiny, half_written), log=lambda *_: None)  # no Ray session needed: it stops first
     assert time.monotonic() - started < 10
     chat_output = tmp_path / "chat"
     chat_output.mkdir()
     (chat_output / "manifest.json").write_text(json.dumps({"job": "chat", "files": []}))
-    with pytest.raises(IncompleteOutput, match="is a `chat` output, not a `generate` output"):
+    with pytest.raises(IncompleteOutput, match=r"is a `chat` output, not training samples \(a generate or negatives output\)"):
         run_train(train_config(tiny, chat_output), log=lambda *_: None)
 
 
@@ -59,6 +59,46 @@ def test_train_reads_exactly_the_files_the_manifest_lists(ray_session, tiny):
     finally:
         stray.unlink()
     assert report["samples"] == listed["counts"]["written"] == 51
+
+
+def test_train_mixes_several_outputs_by_their_manifests_with_stream_weights_and_shares(ray_session, tiny, tmp_path):
+    """A generate output and a negatives output: only the negatives' `negative` folder is training data
+    (dropped cases and the held-out Agent-H set are not); weights repeat or thin a stream, shares
+    solve its weight; the report counts samples and trained tokens per root and stream."""
+    from agentflan_ray.config import ConfigError
+    from agentflan_ray.jobs.train import preflight
+    from agentflan_ray.training.data import prepare_dataset
+    from agentflan_ray.writing.manifest import write_output
+    from agentflan_ray.writing.shards import sample_schema
+
+    generated = pq.read_table(tiny / "data/general/part-00000.parquet").to_pylist()[:48]  # the good ones
+    negatives = tmp_path / "negatives"
+    rows = lambda prefix, n: [{**generated[0], "id": f"{prefix}{i}", "stream": "negative"} for i in range(n)]  # noqa: E731
+    write_output(str(negatives), StorageConfig(), "negatives",
+                 {"negative": rows("n", 20), "dropped": rows("d", 7), "agent_h": rows("h", 9)}, sample_schema)
+    data = f"data=[{tiny / 'data'}, {negatives}]"
+
+    config = load_config(TrainConfig, None, [data, f"model={tiny / 'model'}", "max_seq_len=128", "global_batch=4",
+                                             "num_workers=1", "weights={negative: 2.5}"])
+    _, report = prepare_dataset(preflight(config))
+    gen, neg = report["sources"][str(tiny / "data")], report["sources"][str(negatives)]
+    assert set(neg) == {"negative"} and neg["negative"]["files_rows"] == 20
+    assert 40 < neg["negative"]["samples"] < 60  # each twice, half of them three times
+    assert gen["general"]["samples"] == 51 and gen["general"]["weight"] == 1.0
+    assert report["samples"] == neg["negative"]["samples"] + 51
+    assert neg["negative"]["trained_tokens"] == 10 * neg["negative"]["samples"]  # the answer's tokens, each copy
+    assert gen["general"]["trained_tokens"] + neg["negative"]["trained_tokens"] == sum(report["trained_tokens"].values())
+
+    shared = load_config(TrainConfig, None, [data, f"model={tiny / 'model'}", "max_seq_len=128", "global_batch=4",
+                                             "num_workers=1", "weights={negative: 2}", "shares={general: 0.5}"])
+    _, report = prepare_dataset(preflight(shared))
+    assert report["sources"][str(negatives)]["negative"]["samples"] == 40
+    general = report["sources"][str(tiny / "data")]["general"]
+    assert general["weight"] == round(40 / 51, 4) and 30 <= general["samples"] <= 50
+
+    with pytest.raises(ConfigError, match="weights/shares: no stream 'chat' in the data; its streams are"):
+        preflight(load_config(TrainConfig, None, [data, f"model={tiny / 'model'}", "shares={chat: 0.2}",
+                                                  "num_workers=1", "global_batch=4"]))
 
 
 def digests(root: Path) -> dict[str, str]:

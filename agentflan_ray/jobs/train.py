@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -28,16 +29,24 @@ from ray.train.torch import TorchTrainer
 from agentflan_ray.config import ConfigError, JobConfig, require_at_least
 from agentflan_ray.storage import filesystem, is_s3
 from agentflan_ray.training.checkpoints import final_metrics_location, read_final_metrics
-from agentflan_ray.training.data import prepare_dataset
+from agentflan_ray.training.data import data_sources, prepare_dataset
 from agentflan_ray.training.loop import train_loop_per_worker
-from agentflan_ray.writing.manifest import sample_shards
 
 
 @dataclass
 class TrainConfig(JobConfig):
     """The `train` job: DeepSpeed SFT over generated shards with Ray Train."""
 
-    data: str = ""  # a generate output directory (local or s3://)
+    # A generate or negatives output (local or s3://), or a list of them; each read through its manifest.
+    data: str | list[str] = ""
+    # Per stream (a folder of those outputs: general, tflan_cot, negative, ...): a weight that up- or
+    # down-samples it (0.5 keeps half, 2 repeats each sample twice; default 1), and/or the share of
+    # all samples it is to be after weighting (AgentTuning: {general: 0.8} for 20% agent data).
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    shares: dict[str, float] = dataclasses.field(default_factory=dict)
+    # A folder for this run's manifest (data report per root and stream, final metrics, checkpoint);
+    # empty: none. The pipeline job uses it to skip a finished training stage.
+    output: str = ""
     model: str = ""  # a Hugging Face model directory or hub name
     template: Literal["chat_template", "agentflan", "llama2"] = "chat_template"
     max_seq_len: int = 2048
@@ -88,8 +97,14 @@ class TrainConfig(JobConfig):
     seed: int = 0
 
     def validate(self, key: str = "") -> None:
-        if not self.data:
-            raise ConfigError("data: required (a generate output directory)")
+        if not self.roots:
+            raise ConfigError("data: required (a generate or negatives output directory, or a list of them)")
+        for name, values in (("weights", self.weights), ("shares", self.shares)):
+            for stream, value in values.items():
+                if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                    raise ConfigError(f"{name}.{stream}: must be a number, 0 or more, got {value!r}")
+        if self.shares and not (0 < sum(self.shares.values()) < 1 and all(self.shares.values())):
+            raise ConfigError(f"shares: each share above 0 and together below 1, got {self.shares}")
         if not self.model:
             raise ConfigError("model: required (a model directory, e.g. from make-tiny-model)")
         if self.zero_stage not in (2, 3):
@@ -119,6 +134,10 @@ class TrainConfig(JobConfig):
         return math.gcd(*(self.global_batch // n for n in range(self.min_workers, self.max_workers + 1)))
 
     @property
+    def roots(self) -> list[str]:
+        return [self.data] if isinstance(self.data, str) else list(self.data) if self.data else []
+
+    @property
     def min_workers(self) -> int:
         return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
 
@@ -141,7 +160,7 @@ def preflight(config: TrainConfig) -> TrainConfig:
         AutoConfig.from_pretrained(config.model)
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"model: cannot load {config.model!r}: {exc}") from None
-    sample_shards(config.data, config.storage)
+    data_sources(config)  # every root a finished output; weights and shares name real streams
     return config
 
 
@@ -192,7 +211,27 @@ def run(config: TrainConfig, log=print, prepared: TrainConfig | None = None) -> 
         f"{m.get('avg_tokens_per_s', 0):,.0f} tokens/s; checkpoint {summary['checkpoint']}"
         + (f"; model exported to {summary['export_dir']}" if "export_dir" in summary else ""))
     log("[train] summary " + json.dumps(summary, default=str))
+    if config.output and succeeded(summary):
+        write_manifest(config, summary)
     return summary
+
+
+def write_manifest(config: TrainConfig, summary: dict) -> None:
+    """``<output>/manifest.json``: every sample (after weighting) packed or skipped with its reason,
+    the data report, the final metrics, the checkpoint and the exported model."""
+    from agentflan_ray.writing.accounting import Tally
+    from agentflan_ray.writing.manifest import build_manifest, finish_output, start_output
+
+    report = summary["data"]
+    tally = Tally()
+    tally.read("samples", report["samples"])
+    tally.outcome("samples", "written", n=report["packed"])
+    for reason, n in report["skipped"].items():
+        tally.outcome("samples", "quarantined", reason, n)
+    start_output(config.output, config.storage)
+    finish_output(config.output, config.storage, (), build_manifest(
+        NAME, config, tally, data=report, steps=summary["steps"], metrics=summary["metrics"],
+        checkpoint=summary["checkpoint"], export_dir=summary.get("export_dir")))
 
 
 def succeeded(summary: dict) -> bool:
@@ -202,10 +241,12 @@ def succeeded(summary: dict) -> bool:
 def absolute_paths(config: TrainConfig) -> TrainConfig:
     """Local paths made absolute: Ray Train workers do not run in the driver's working directory."""
     changes = {}
-    for name in ("data", "storage_path", "export_dir", "scratch_dir"):
+    for name in ("storage_path", "export_dir", "scratch_dir", "output"):
         value = getattr(config, name)
         if value and not is_s3(value):
             changes[name] = os.path.abspath(value)
+    roots = [root if is_s3(root) else os.path.abspath(root) for root in config.roots]
+    changes["data"] = roots[0] if isinstance(config.data, str) else roots
     if os.path.isdir(config.model):  # else a hub name, e.g. meta-llama/Llama-2-7b-chat-hf
         changes["model"] = os.path.abspath(config.model)
     return dataclasses.replace(config, **changes)
@@ -229,6 +270,16 @@ def export_model(config: TrainConfig, checkpoint) -> str:
         state_dict = get_fp32_state_dict_from_zero_checkpoint(directory)
     model = AutoModelForCausalLM.from_pretrained(config.model)
     model.load_state_dict(state_dict, strict=False)
-    model.save_pretrained(config.export_dir)
-    AutoTokenizer.from_pretrained(config.model).save_pretrained(config.export_dir)
+    if not is_s3(config.export_dir):
+        model.save_pretrained(config.export_dir)
+        AutoTokenizer.from_pretrained(config.model).save_pretrained(config.export_dir)
+        return config.export_dir
+    import pyarrow.fs as pafs
+
+    with tempfile.TemporaryDirectory(prefix="afr-export-") as local:  # written here, then uploaded
+        model.save_pretrained(local)
+        AutoTokenizer.from_pretrained(config.model).save_pretrained(local)
+        fs, target = filesystem(config.export_dir, config.storage)
+        fs.create_dir(target, recursive=True)
+        pafs.copy_files(local, target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     return config.export_dir

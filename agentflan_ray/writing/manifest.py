@@ -112,12 +112,30 @@ def listed_files(root: str, manifest: dict, exclude_folders: tuple[str, ...] = (
     return paths
 
 
-def sample_shards(output: str, storage: StorageConfig) -> list[str]:
-    """The sample shards a finished `generate` output lists (quarantine excluded), in its order."""
-    paths = listed_files(output, read_manifest(output, storage, "generate"), exclude_folders=(QUARANTINE,))
-    if not paths:
+# The outputs that hold training samples, and which of their folders do (a folder is a stream).
+SAMPLE_FOLDERS = {"generate": None, "negatives": ("negative",)}  # None: every folder but quarantine
+
+
+def sample_files(output: str, storage: StorageConfig) -> list[tuple[str, str, int]]:
+    """``(stream, path, rows)`` of every sample shard a finished `generate` or `negatives` output lists, in
+    its order (quarantine, dropped cases and the held-out Agent-H set excluded)."""
+    manifest = read_manifest(output, storage)
+    job = manifest.get("job", "generate")
+    if job not in SAMPLE_FOLDERS:
+        raise IncompleteOutput(f"{output} is a `{job}` output, not training samples (a generate or negatives output)")
+    keep = SAMPLE_FOLDERS[job]
+    rows = {posixpath.join(fs_path(output), entry["path"]): entry["rows"] for entry in manifest["files"]}
+    files = [(path.rsplit("/", 2)[-2], path, rows[path])
+             for path in listed_files(output, manifest, exclude_folders=(QUARANTINE,))]
+    files = [file for file in files if keep is None or file[0] in keep]
+    if not files:
         raise FileNotFoundError(f"{output}: its manifest lists no sample shards (every record was quarantined?)")
-    return paths
+    return files
+
+
+def sample_shards(output: str, storage: StorageConfig) -> list[str]:
+    """The paths of ``sample_files``."""
+    return [path for _, path, _ in sample_files(output, storage)]
 
 
 def write_output(root: str, storage: StorageConfig, job: str, rows: dict[str, list[dict]], schema,
