@@ -176,3 +176,49 @@ def test_timeouts_are_retried(simulator):
     answers = [ask(c, f"<<<ECHO>>>answer {i}<<<END>>>") for i in range(6)]
     assert [a.content for a in answers] == [f"answer {i}" for i in range(6)]
     assert server.stats()["faults"].get("hang", 0) > 0 and max(a.attempts for a in answers) > 1
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_forecast", "description": "Forecast for a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "example_value": "Oslo"},
+                                                    "days": {"type": "integer"}}, "required": ["city", "days"]}}}
+
+
+def test_tools_go_natively_and_scripted_calls_come_back_as_tool_calls(simulator):
+    _, url = simulator()
+    c = client(url)
+    script = '<<<ECHO>>><<<TOOL_CALL>>>{"name": "get_forecast", "arguments": {"city": "Paris"}}<<<END>>>'
+    native = ask(c, script, tools=[WEATHER])
+    assert native.content == "" and native.finish_reason == "tool_calls"
+    assert [(call["type"], call["function"]) for call in native.tool_calls] == \
+        [("function", {"name": "get_forecast", "arguments": '{"city": "Paris"}'})]
+    assert native.tool_calls[0]["id"].startswith("call_")
+    as_text = ask(c, script)  # no tools=: the call as the JSON text a model without native tools writes
+    assert as_text.content == '{"name": "get_forecast", "arguments": {"city": "Paris"}}' and as_text.tool_calls == []
+
+
+def test_unscripted_requests_with_tools_call_an_offered_tool_plausibly(simulator):
+    _, url = simulator()
+    c = client(url)
+    replies = [ask(c, f"What will the weather be in Paris, day {i}?", tools=[WEATHER]) for i in range(16)]
+    calls = [r.tool_calls[0]["function"] for r in replies if r.tool_calls]
+    assert 0 < len(calls) < 16 and all(not r.tool_calls for r in replies if r.content)
+    assert all(call == {"name": "get_forecast", "arguments": '{"city": "Oslo", "days": 1}'} for call in calls)
+
+
+def test_an_endpoint_that_takes_no_tools_is_found_in_one_request(simulator):
+    server, url = simulator()
+    c = client(url)
+    assert run(c, c.accepts_tools())
+    rejecting, url = simulator(reject_tools=True)
+    c = client(url)
+    assert not run(c, c.accepts_tools())
+    assert rejecting.stats()["status"] == {"400": 1}
+    assert ask(c, "no tools here").content  # without tools= it answers
+
+
+def test_the_cache_key_holds_the_tools():
+    c = LLMClient(LLMConfig(model="m", api_key_env="OPENAI_API_KEY"))
+    messages = [{"role": "user", "content": "hi"}]
+    assert "tools" not in c.params()  # keys of requests without tools are what they were
+    assert cache_key("m", messages, c.params(None, [WEATHER]), "v1") != cache_key("m", messages, c.params(), "v1")

@@ -19,7 +19,7 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import openai
 import ray
@@ -73,6 +73,9 @@ class Completion:
     attempts: int = 1  # HTTP requests it took, retries and re-asks included
     cached: bool = False
     reasks: int = 0
+    # Native calls of a request made with ``tools=``: ``[{"id", "type": "function", "function": {"name",
+    # "arguments" (JSON text)}}]``, plain dicts so they cache and cross Ray as they are.
+    tool_calls: list[dict] = field(default_factory=list)
 
 
 def resolve_endpoint(config: LLMConfig) -> tuple[str | None, str]:
@@ -127,7 +130,7 @@ def is_retryable(exc: BaseException) -> bool:
 def default_validation(completion: Completion, wants_json: bool) -> str | None:
     if completion.finish_reason == "length":
         return "finish_reason is length (the reply was cut off)"
-    if not completion.content.strip():
+    if not completion.content.strip() and not completion.tool_calls:
         return "empty reply"
     if wants_json:
         try:
@@ -156,23 +159,28 @@ class LLMClient:
         self.learned = False
         self.backoffs = 0
 
-    def params(self, response_format: dict | None = None) -> dict:
+    def params(self, response_format: dict | None = None, tools: list[dict] | None = None) -> dict:
+        """The request's settings besides model and messages (part of the cache key)."""
         params = {"temperature": self.config.temperature, "max_tokens": self.config.max_tokens}
         if response_format:
             params["response_format"] = response_format
+        if tools:
+            params["tools"] = tools
         return params
 
     async def complete(self, messages: list[dict], response_format: dict | None = None,
-                       validate: Callable[[Completion], str | None] | None = None, strict: bool = True) -> Completion:
+                       validate: Callable[[Completion], str | None] | None = None, strict: bool = True,
+                       tools: list[dict] | None = None) -> Completion:
         """One reply that passes the default checks (not cut off, not empty, JSON when JSON was asked
         for) and ``validate`` (a problem text, or None); a failing reply is re-asked, with the problem
         named, up to ``max_reasks`` times. Raises ``ReplyRejected`` after that, or on a dead letter.
-        ``strict=False`` takes any reply as it is (an evaluation scores empty and cut-off replies too)."""
+        ``strict=False`` takes any reply as it is (an evaluation scores empty and cut-off replies too).
+        ``tools`` (OpenAI tool schemas) are passed as ``tools=``; the reply's calls are ``tool_calls``."""
         wants_json = bool(response_format and response_format.get("type") == "json_object")
         checks = [c for c in (validate, self.validator) if c is not None]
         attempts, asked, problem, tokens = 0, list(messages), "", [0, 0]
         for reask in range(self.config.max_reasks + 1):
-            completion = await self._request(asked, response_format)
+            completion = await self._request(asked, response_format, tools)
             attempts += completion.attempts
             tokens[0] += completion.prompt_tokens
             tokens[1] += completion.completion_tokens
@@ -188,8 +196,10 @@ class LLMClient:
         raise ReplyRejected(f"reply rejected after {self.config.max_reasks} re-asks: {problem}", attempts,
                             self.config.max_reasks, last=completion)
 
-    async def _request(self, messages: list[dict], response_format: dict | None) -> Completion:
+    async def _request(self, messages: list[dict], response_format: dict | None,
+                       tools: list[dict] | None = None) -> Completion:
         estimate = sum(len(str(m.get("content") or "")) for m in messages) // 4 + self.config.max_tokens
+        estimate += len(json.dumps(tools)) // 4 if tools else 0
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.config.max_attempts),
             wait=self._wait,
@@ -203,7 +213,7 @@ class LLMClient:
                 await self._take_budget(estimate)
                 try:
                     raw = await self.client.chat.completions.with_raw_response.create(
-                        model=self.model, messages=messages, **self.params(response_format)
+                        model=self.model, messages=messages, **self.params(response_format, tools)
                     )
                     self._learn(raw.headers)
                     reply = raw.parse()
@@ -222,6 +232,7 @@ class LLMClient:
                     prompt_tokens=usage.prompt_tokens if usage else 0,
                     completion_tokens=usage.completion_tokens if usage else 0,
                     attempts=attempts,
+                    tool_calls=plain_tool_calls(choice.message.tool_calls),
                 )
                 if self.budget is not None and usage and self.limits["tpm"]:
                     self.budget.reconcile.remote(estimate, usage.total_tokens)
@@ -276,6 +287,15 @@ class LLMClient:
         text = f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "") + f": {exc}"
         return redact(text, [self.api_key])[:1000]
 
+    async def accepts_tools(self) -> bool:
+        """Whether the endpoint takes ``tools=``: one small request offering one tool. HTTP 400 or 422
+        means no; a bad key or model stops the job as ``preflight`` does; other failures are retried."""
+        try:
+            await self._request([{"role": "user", "content": "Reply with the word OK."}], None, [PROBE_TOOL])
+        except (openai.BadRequestError, openai.UnprocessableEntityError):
+            return False
+        return True
+
     async def preflight(self) -> None:
         """Fail fast on a bad key or unknown model with one cheap call, before any data moves."""
         try:
@@ -289,6 +309,22 @@ class LLMClient:
         names = {m.id for m in models.data}
         if names and self.model not in names:
             raise FatalLLMError(self._fatal_message(404))
+
+
+PROBE_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "The current time in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def plain_tool_calls(calls) -> list[dict]:
+    """The SDK's tool calls as plain dicts (function calls only; custom tools carry no arguments object)."""
+    plain = []
+    for call in calls or []:
+        function = getattr(call, "function", None)
+        if function is not None:
+            plain.append({"id": call.id or "", "type": "function",
+                          "function": {"name": function.name or "", "arguments": function.arguments or ""}})
+    return plain
 
 
 def ray_remote_error_cause(exc: BaseException) -> BaseException:

@@ -13,6 +13,12 @@ object; otherwise a short sentence derived from the prompt's hash. A rewrite req
 ``aligning/prompts.py``) gets plausible pieces, a ``--corrupt`` share of them wrong the ways real
 models go wrong (``sim_rewrite``; counted as ``corrupt_<kind>`` faults).
 A negatives request (``negatives/prompts.py``) likewise gets plausible queries or answers (``sim_negative``).
+
+A request with ``tools=`` (OpenAI tool schemas) may be answered with native ``tool_calls``
+(``finish_reason: tool_calls``): an echoed ``<<<TOOL_CALL>>>{"name": .., "arguments": {..}}`` is
+exactly that call, and about half the other requests ending with a user turn call an offered tool
+(``sim_tools``). ``--reject-tools`` answers any request with ``tools=`` 400, as endpoints without
+tool support do.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 from aiohttp import web
 
-from agentflan_ray.llm import sim_negative, sim_rewrite
+from agentflan_ray.llm import sim_negative, sim_rewrite, sim_tools
 
 ECHO = re.compile(r"<<<ECHO>>>(.*?)<<<END>>>", re.S)
 
@@ -53,6 +59,7 @@ class SimulatorConfig:
     models: list[str] = field(default_factory=lambda: ["sim-gpt-4"])
     seed: int = 0
     context_tokens: int = 0  # when set, a longer prompt gets 400 context_length_exceeded, as real models do
+    reject_tools: bool = False  # answer requests with tools= 400, as endpoints without tool support do
 
 
 def estimate_tokens(text: str) -> int:
@@ -179,12 +186,19 @@ class Simulator:
             body = await request.json()
             messages = body["messages"]
             model = body["model"]
+            tools = body.get("tools")
             assert isinstance(messages, list) and all(isinstance(m, dict) for m in messages)
+            assert tools is None or (isinstance(tools, list) and all(
+                isinstance(t, dict) and isinstance((t.get("function") or {}).get("name"), str) for t in tools))
         except Exception:  # noqa: BLE001 - any malformed request is a 400, as the real API does
             return self._error(400, "invalid_request_error", "The request body is not a valid chat completion request.")
         if model not in self.config.models:
             return self._error(404, "model_not_found", f"The model `{model}` does not exist.")
+        if tools is not None and self.config.reject_tools:
+            return self._error(400, "invalid_request_error", "This model does not support tools.")
         prompt = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+        if tools:  # the schemas are part of the prompt (and of its tokens), as real APIs count them
+            prompt += json.dumps(tools, sort_keys=True, ensure_ascii=False)
         prompt_tokens = estimate_tokens(prompt)
         if self.config.context_tokens and prompt_tokens > self.config.context_tokens:
             return self._error(400, "context_length_exceeded",
@@ -223,6 +237,7 @@ class Simulator:
 
     def _reply(self, body, messages, model, prompt, prompt_tokens, max_tokens, cut: bool) -> web.Response:
         digest = hashlib.sha256(prompt.encode()).hexdigest()
+        calls = []
         if sim_rewrite.is_rewrite(messages):
             content, finish, corrupted = sim_rewrite.rewrite_reply(messages, digest, self.config.corrupt)
             if corrupted:
@@ -232,10 +247,13 @@ class Simulator:
             if corrupted:
                 self.faults["corrupt_" + corrupted] += 1
         else:
-            content, finish = reply_text(messages, body.get("response_format"), digest), "stop"
+            content, calls = chat_reply(messages, body.get("response_format"), body.get("tools"), digest)
+            finish = "tool_calls" if calls else "stop"
         if cut:
             content, finish = content[: max(1, len(content) // 2)], "length"
-        completion_tokens = min(estimate_tokens(content), max_tokens)
+            for call in calls:
+                call["function"]["arguments"] = call["function"]["arguments"][: len(call["function"]["arguments"]) // 2]
+        completion_tokens = min(estimate_tokens(content + json.dumps(calls) if calls else content), max_tokens)
         self.status[200] += 1
         self.answered[digest] += 1
         self.prompt_tokens += prompt_tokens
@@ -247,7 +265,8 @@ class Simulator:
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content or None, "tool_calls": calls}
+                             if calls else {"role": "assistant", "content": content}, "finish_reason": finish}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens},
             },
@@ -255,11 +274,27 @@ class Simulator:
         )
 
 
-def reply_text(messages: list[dict], response_format, digest: str) -> str:
+def chat_reply(messages: list[dict], response_format, tools: list[dict] | None, digest: str) -> tuple[str, list[dict]]:
+    """``(content, tool_calls)`` of an ordinary request (see the module docstring)."""
+    text = echoed(messages)
+    answer = sim_tools.tool_reply(messages, tools or [], text, digest)
+    if answer is not None:
+        return answer
+    return reply_text(messages, response_format, digest), []
+
+
+def echoed(messages: list[dict]) -> str | None:
     for message in reversed(messages):
         match = ECHO.search(str(message.get("content") or ""))
         if match:
             return match.group(1)
+    return None
+
+
+def reply_text(messages: list[dict], response_format, digest: str) -> str:
+    text = echoed(messages)
+    if text is not None:
+        return text
     if isinstance(response_format, dict) and response_format.get("type") == "json_object":
         return json.dumps({"answer": f"simulated answer {digest[:8]}", "id": digest[:16]})
     return f"This is a simulated reply ({digest[:8]}) to your request."

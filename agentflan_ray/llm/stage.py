@@ -5,8 +5,9 @@ cache, re-asks of replies that fail validation, dead letters, usage counts — a
 logic as a task object with two methods:
 
     async rows(row, complete) -> list[dict]   the output rows of one input row; ``complete(messages,
-                                              response_format=None, validate=None)`` is one validated
-                                              reply (cached, re-asked, budgeted)
+                                              response_format=None, validate=None, strict=True,
+                                              tools=None)`` is one validated reply (cached, re-asked,
+                                              budgeted; ``tools=`` passed natively)
     failed(row, outcome, reason, detail) -> dict
                                               the row written when an input row is quarantined or
                                               dead-lettered
@@ -126,14 +127,16 @@ class LLMStage:
         return [{**r, **(first if i == 0 else rest)} for i, r in enumerate(out)]
 
     async def complete(self, usage: Usage, messages: list[dict], response_format: dict | None = None,
-                       validate=None, strict: bool = True) -> Completion:
+                       validate=None, strict: bool = True, tools: list[dict] | None = None) -> Completion:
         """One reply that passed validation: from the cache, or asked (and re-asked) under the budget."""
-        key = cache_key(self.client.model, messages, self.client.params(response_format), self.llm.prompt_version)
+        key = cache_key(self.client.model, messages, self.client.params(response_format, tools),
+                        self.llm.prompt_version)
         if self.cache is not None:
             hit = await asyncio.to_thread(self.cache.get, key)
             if hit is not None:
                 completion = Completion(hit["content"], hit["finish_reason"], hit["prompt_tokens"],
-                                        hit["completion_tokens"], attempts=0, cached=True)
+                                        hit["completion_tokens"], attempts=0, cached=True,
+                                        tool_calls=hit.get("tool_calls") or [])
                 wants_json = bool(response_format and response_format.get("type") == "json_object")
                 # The same checks as a fresh reply: a stored rejected one may have been cut off.
                 problem = (strict and default_validation(completion, wants_json)) or \
@@ -147,7 +150,8 @@ class LLMStage:
                 # else a validator grew stricter since the reply was stored: ask again
         async with self.semaphore:
             try:
-                completion = await self.client.complete(messages, response_format, validate=validate, strict=strict)
+                completion = await self.client.complete(messages, response_format, validate=validate, strict=strict,
+                                                        tools=tools)
             except ReplyRejected as exc:
                 self._count(usage, exc.attempts, exc.reasks, exc.last)
                 if exc.last is not None:  # the task may still use parts of it: a rerun must not pay again
@@ -170,6 +174,8 @@ class LLMStage:
             return
         value = {"content": completion.content, "finish_reason": completion.finish_reason,
                  "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens}
+        if completion.tool_calls:
+            value["tool_calls"] = completion.tool_calls
         if rejected:
             value["rejected"] = rejected
         await asyncio.to_thread(self.cache.put, key, value)
