@@ -5,6 +5,7 @@
     agentflan-ray train --config jobs/configs/train_demo.yaml data=./out/demo model=./tiny max_steps=20
     agentflan-ray serve-sim --port 8000 --latency 0.5 --rpm 6000 [--error-500 0.05 ...]
     agentflan-ray make-tiny-model --data ./out/demo --output ./tiny
+    agentflan-ray eval-sets --toolbench "data/toolbench/**/*.json" --output sets.jsonl [--limit N] [--seed S]
 
 Every job is one module with the same shape, listed in ``JOBS``:
 
@@ -83,6 +84,8 @@ def serve_sim(argv: list[str]) -> int:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if isinstance(default, list):
             parser.add_argument(flag, dest=f.name, nargs="+", default=default)
+        elif isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action="store_true")
         else:
             parser.add_argument(flag, dest=f.name, type=type(default), default=default)
     config = SimulatorConfig(**vars(parser.parse_args(argv)))
@@ -90,6 +93,19 @@ def serve_sim(argv: list[str]) -> int:
           f"stats at http://{config.host}:{config.port}/stats", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config))
+    return 0
+
+
+def eval_sets(args) -> int:
+    from agentflan_ray.evaluating.build import SUITES, build_sets, write_jsonl
+
+    if not 0.0 <= args.holdout_share <= 1.0 or args.limit < 0:
+        raise ConfigError("--holdout-share must be within [0, 1] and --limit 0 or more")
+    cases, counts = build_sets(args.toolbench, tuple(args.suite or SUITES), args.seed, args.holdout_share, args.limit)
+    write_jsonl(cases, args.output)
+    print(f"{len(cases):,} cases {counts['cases']} from {counts['held_out']:,} held-out of "
+          f"{counts['trajectories']:,} usable trajectories -> {args.output}; left out: "
+          f"{counts['records_left_out'] | counts['cases_left_out'] or 'none'}")
     return 0
 
 
@@ -109,11 +125,23 @@ def main(argv: list[str] | None = None) -> int:
     tiny = commands.add_parser("make-tiny-model", help="a tiny Llama-style model + tokenizer trained on generated data")
     tiny.add_argument("--data", required=True, help="a generate output directory")
     tiny.add_argument("--output", required=True)
+    sets = commands.add_parser("eval-sets", help="the eval job's tool_call and instruct suites from held-out "
+                                                 "ToolBench trajectories, as JSONL (see evaluating/build.py)")
+    sets.add_argument("--toolbench", required=True, help="ToolBench answer files: a path, folder or glob, local or s3://"
+                                                        " (as in the generate config, so trajectory ids match)")
+    sets.add_argument("--output", required=True, help="the JSONL file to write")
+    sets.add_argument("--suite", action="append", choices=("tool_call", "instruct"), help="a suite to build (repeatable; default both)")
+    sets.add_argument("--limit", type=int, default=0, help="at most this many cases per suite (0: all)")
+    sets.add_argument("--seed", type=int, default=0, help="the generate job's seed: held-out choice and renderings")
+    sets.add_argument("--holdout-share", type=float, default=0.05,
+                      help="share of trajectories held out, by a seeded hash of their id (default 0.05)")
     # A flag may come after key=value overrides (argparse stops at the first positional list).
     estimate = "--estimate" in argv
     args = parser.parse_args([a for a in argv if a != "--estimate"])
     args.estimate = estimate
     try:
+        if args.command == "eval-sets":
+            return eval_sets(args)
         if args.command == "make-tiny-model":
             from agentflan_ray.training.tiny_model import make_tiny_model
 

@@ -25,6 +25,9 @@ tool; an offered name with empty parentheses inside a sentence (a mention; alone
 call); a JSON or Python call cut off before its closing bracket; JSON data without a name and arguments
 pair; empty replies.
 
+``format_call`` reads a reply by the one rule of a protocol an `instruct` case asks for (``FORMAT_RULES``:
+json -> json_call, goal -> goal_protocol): T-Eval's format hit is a call found that way.
+
 ``same_call`` compares a verdict with the expected ``{"name", "arguments"}``: the name is right when
 equal, or when one is the bare form of the other (``weather.get_x`` and ``get_x``) unless two offered
 tools share that bare name; the arguments are right when equal as values (key order aside, numbers as
@@ -64,6 +67,7 @@ GOAL = re.compile(
     re.I | re.M | re.S)
 CALL_HEAD = re.compile(r"(?<![\w.])(?<!def )(?<!class )(?P<name>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\(")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+FORMAT_RULES = {"json": "json_call", "goal": "goal_protocol"}  # an instruct case's format -> its rule
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,12 @@ def find_call(reply: str, offered: list[str] = (), tool_calls: list[dict] | None
     verdict = (_native_call(tool_calls or []) or _react_call(text) or _json_call(text)
                or _python_call(text, offered) or _goal_call(text))
     return verdict or NO_CALL
+
+
+def format_call(reply: str, fmt: str) -> Verdict:
+    """The call ``reply`` makes in the protocol ``fmt`` (a key of ``FORMAT_RULES``), by that rule alone."""
+    rule = {"json": _json_call, "goal": _goal_call}[fmt]
+    return rule(reply or "") or NO_CALL
 
 
 def same_call(verdict: Verdict, expect: dict, offered: list[str] = ()) -> tuple[bool, bool]:

@@ -2,8 +2,10 @@
 
 ``messages`` are OpenAI chat messages (the conversation so far), ``tools`` OpenAI tool schemas
 (``[{"type": "function", "function": {name, description, parameters}}]``; a JSON string is accepted),
-``expect`` is ``"no_call"`` or ``{"name": .., "arguments": {..}}`` (a JSON string is accepted). Other
-keys ride along. A row that breaks this is quarantined with a reason, never fatal.
+``expect`` is ``"no_call"`` or ``{"name": .., "arguments": {..}}`` (a JSON string is accepted). A case of
+suite ``instruct`` also names the protocol its prompt asks for, ``format``: ``json`` or ``goal`` (scored
+by format hit, then name, then arguments). Other keys ride along. A row that breaks this is quarantined
+with a reason, never fatal.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 
 import pyarrow.parquet as pq
 
+from agentflan_ray.evaluating.judge import FORMAT_RULES
 from agentflan_ray.storage import expand, filesystem
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -55,6 +58,9 @@ def check_case(row) -> dict:
         if not (isinstance(expect, dict) and isinstance(expect.get("name"), str)
                 and isinstance(expect.get("arguments", {}), dict)):
             raise BadCase("bad_expect", 'expected "no_call" or {"name": .., "arguments": {..}}')
+    asks_format = row["suite"] == "instruct" or row.get("format") not in (None, "")
+    if asks_format and (row.get("format") not in FORMAT_RULES or expect == "no_call"):
+        raise BadCase("bad_format", f'an instruct case expects a call in "format": one of {list(FORMAT_RULES)}')
     return {**row, "id": str(row["id"]), "suite": str(row["suite"]), "protocol": str(row["protocol"]),
             "messages": [{"role": m["role"], "content": m.get("content") or ""} for m in messages],
             "tools": [t if "function" in t else {"type": "function", "function": t} for t in tools], "expect": expect}

@@ -1,0 +1,99 @@
+"""The tool_call and instruct suites built from the bundled ToolBench records: a case per held-out
+call with the recorded name and arguments, instruct prompts whose answers parse back, a stable
+held-out share, and the eval-sets command that wrote the shipped demo sets."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from agentflan_ray.aligning.toolbench import qualified_name, render_instruct
+from agentflan_ray.cli import main
+from agentflan_ray.evaluating.build import build_sets, held_out, read_toolbench
+from agentflan_ray.evaluating.judge import find_call, format_call, same_call
+from agentflan_ray.evaluating.sets import read_sets
+from agentflan_ray.storage import StorageConfig
+
+REPO = Path(__file__).resolve().parent.parent
+TOOLBENCH = str(REPO / "tests/fixtures/toolbench/**/*.json")
+
+
+def recorded(step) -> dict:
+    return {"name": qualified_name(step.call.name), "arguments": step.call.arguments}
+
+
+def trajectories() -> dict:
+    return {t.id: t for t in read_toolbench(TOOLBENCH, StorageConfig(), Counter())}
+
+
+def test_a_tool_call_case_per_call_of_every_held_out_trajectory():
+    cases, counts = build_sets(TOOLBENCH, ("tool_call",), seed=0, holdout_share=1.0)
+    calls = [(t, i) for t in trajectories().values() for i, step in enumerate(t.steps) if step.call.name != "Finish"]
+    assert len(cases) == len(calls) == 17 and counts["cases"] == {"tool_call": 17}
+    assert counts["records_left_out"] == {"toolbench_invalid_data": 1, "toolbench_give_up": 3}
+    for case, (t, i) in zip(cases, calls, strict=True):
+        assert (case["source_id"], case["step"], case["protocol"]) == (t.id, i, "general")
+        assert case["expect"] == recorded(t.steps[i])
+        offered = [tool["function"]["name"] for tool in case["tools"]]
+        assert case["expect"]["name"] in offered and "Finish" not in offered
+        messages = case["messages"]
+        assert [m["role"] for m in messages] == ["system", "user"] + ["assistant", "user"] * i
+        assert messages[1]["content"] == t.query
+        for k in range(i):  # each earlier call parses back from its turn, its observation verbatim after it
+            assert same_call(find_call(messages[2 + 2 * k]["content"], offered), recorded(t.steps[k]), offered) == (True, True)
+            assert messages[3 + 2 * k]["content"] == t.steps[k].observation
+        assert "Action Input" not in messages[0]["content"]  # the aligned prompt: tools, no format
+
+
+def test_instruct_cases_ask_for_a_recorded_call_in_a_protocol_that_parses_back():
+    by_id = trajectories()
+    cases, counts = build_sets(TOOLBENCH, ("instruct",), seed=5, holdout_share=1.0)
+    assert len(cases) == len(by_id) == 6 and counts["cases_left_out"] == {}
+    assert Counter(case["format"] for case in cases) == {"json": 3, "goal": 3}
+    for case in cases:
+        t = by_id[case["source_id"]]
+        *prompt, answer = render_instruct(t, 5).messages
+        assert case["messages"] == [{"role": m.role, "content": m.content} for m in prompt]
+        assert case["expect"] in [recorded(step) for step in t.steps]
+        assert case["protocol"] == case["format"]
+        offered = [tool["function"]["name"] for tool in case["tools"]]
+        assert same_call(format_call(answer.content, case["format"]), case["expect"], offered) == (True, True)
+        other = {"json": "goal", "goal": "json"}[case["format"]]
+        assert not format_call(answer.content, other).called
+
+
+def test_held_out_is_a_stable_seeded_share_of_trajectory_ids():
+    ids = [f"answer/G1_answer/{i}.json#0" for i in range(2000)]
+    chosen = [i for i in ids if held_out(i, 0, 0.2)]
+    assert 300 < len(chosen) < 500 and chosen == [i for i in ids if held_out(i, 0, 0.2)]
+    assert set(chosen) <= {i for i in ids if held_out(i, 0, 0.5)}  # a larger share only adds
+    assert chosen != [i for i in ids if held_out(i, 1, 0.2)]
+    assert build_sets(TOOLBENCH, holdout_share=0.0)[0] == []
+    some, counts = build_sets(TOOLBENCH, holdout_share=0.5)
+    assert 0 < counts["held_out"] < 6
+    assert {c["source_id"] for c in some} == {t for t in trajectories() if held_out(t, 0, 0.5)}
+
+
+def test_a_limit_keeps_a_seeded_spread_in_input_order():
+    everything, _ = build_sets(TOOLBENCH, ("tool_call",), holdout_share=1.0)
+    limited, _ = build_sets(TOOLBENCH, ("tool_call",), holdout_share=1.0, limit=5)
+    assert len(limited) == 5 and limited == build_sets(TOOLBENCH, ("tool_call",), holdout_share=1.0, limit=5)[0]
+    order = [everything.index(case) for case in limited]
+    assert order == sorted(order) and len({case["source_id"] for case in limited}) > 1
+
+
+def test_eval_sets_wrote_the_shipped_demo_sets(tmp_path, capsys):
+    for suite in ("tool_call", "instruct"):
+        out = tmp_path / f"{suite}.jsonl"
+        assert main(["eval-sets", "--toolbench", TOOLBENCH, "--suite", suite, "--holdout-share", "1", "--seed", "5",
+                     "--output", str(out)]) == 0
+        assert out.read_bytes() == (REPO / f"jobs/configs/eval_demo_{suite}.jsonl").read_bytes()
+        cases, bad, _ = read_sets([str(out)], StorageConfig())
+        assert bad == [] and {case["suite"] for case in cases} == {suite}
+    assert "6 cases {'instruct': 6} from 6 held-out of 6" in capsys.readouterr().out
+    both = tmp_path / "both.jsonl"
+    assert main(["eval-sets", "--toolbench", TOOLBENCH, "--output", str(both), "--holdout-share", "1"]) == 0
+    assert Counter(json.loads(line)["suite"] for line in both.read_text().splitlines()) == {"tool_call": 17, "instruct": 6}
+    assert main(["eval-sets", "--toolbench", str(tmp_path / "none/*.json"), "--output", str(both)]) == 2
+    assert "matched no file" in capsys.readouterr().err
