@@ -7,7 +7,15 @@ import time
 
 import pytest
 
-from agentflan_ray.evaluating.judge import MAX_MATCHED, Verdict, find_call, same_call
+from agentflan_ray.evaluating.judge import (
+    FORMAT_RULES,
+    MAX_MATCHED,
+    Verdict,
+    find_call,
+    format_call,
+    same_call,
+)
+from agentflan_ray.evaluating.report import markdown, score
 from agentflan_ray.llm import sim_negative
 
 OFFERED = ["weather.get_weather", "book_table"]
@@ -328,3 +336,44 @@ def test_same_call_wrong_arguments(written, expected):
 
 def test_same_call_without_a_call():
     assert same_call(find_call("It is sunny."), {"name": "get_weather", "arguments": {}}) == (False, False)
+
+
+JSON_ASKED = '{\n    "reason": "Paris first.",\n    "action": "weather.get_weather",\n    "action_input": {"city": "Paris"}\n}'
+GOAL_ASKED = 'goal: Paris first.\nname: weather.get_weather\nargs: {"city": "Paris"}'
+
+
+@pytest.mark.parametrize("fmt, reply, hit", [
+    ("json", JSON_ASKED, True),
+    ("json", f"```json\n{JSON_ASKED}\n```", True),
+    ("json", GOAL_ASKED, False),  # a call, in the other protocol
+    ("json", 'Action: weather.get_weather\nAction Input: {"city": "Paris"}', False),
+    ("json", '{"reason": "Paris first.", "action": "weather.get_weather", "action_input": {"city": ', False),  # cut off
+    ("goal", GOAL_ASKED, True),
+    ("goal", "Goal: Paris first.\nName: weather.get_weather\nArgs: {\"city\": \"Paris\"}", True),
+    ("goal", JSON_ASKED, False),
+    ("goal", "I would call weather.get_weather for Paris.", False),
+    ("json", "", False),
+])
+def test_format_call_reads_only_the_asked_protocol(fmt, reply, hit):
+    verdict = format_call(reply, fmt)
+    assert verdict.called is hit
+    if hit:
+        assert verdict.rule == FORMAT_RULES[fmt]
+        assert same_call(verdict, {"name": "weather.get_weather", "arguments": PARIS}, OFFERED) == (True, True)
+
+
+def test_the_report_has_a_format_hit_rate_where_a_format_is_asked():
+    def row(suite, protocol, format_hit, right):
+        return {"suite": suite, "protocol": protocol, "expect_call": True, "called": True, "name_right": right,
+                "arguments_right": right, "correct": right, "format_hit": format_hit}
+
+    rows = [row("instruct", "json", True, True), row("instruct", "json", True, False),
+            row("instruct", "json", False, False), row("instruct", "json", False, False),
+            row("tool_call", "general", None, True)]
+    groups = score(rows)["groups"]
+    assert groups["instruct/json"]["format_hit"] == 50.0 and groups["instruct/json"]["name_accuracy"] == 25.0
+    assert groups["tool_call/general"]["format_hit"] is None
+    md = markdown({"model": {"name": "m", "backend": "endpoint"}, "generation": {}, "sets": [],
+                   "scores": score(rows)})
+    assert "| call rate % | format hit % | name % |" in md
+    assert "| instruct/json | 4 | 25.0 |  | 100.0 | 50.0 | 25.0 | 25.0 |" in md

@@ -1,33 +1,70 @@
 """Where replies come from: any OpenAI-compatible endpoint, or a Hugging Face model directory.
 
     EndpointTask   the LLM stage's task: one case -> its reply, through the client (budget, retries,
-                   cache, dead letters); every reply is taken as it is, empty and cut-off ones too
+                   cache, dead letters); every reply is taken as it is, empty and cut-off ones too.
+                   A case row with ``tools`` has them passed as ``tools=`` (``native_schemas``), the
+                   reply's ``tool_calls`` kept; an endpoint that answers that request 400 is asked
+                   again without them (``native`` "fallback")
     HFGenerate     a callable class for ``map_batches`` on an actor pool: the model's chat template,
                    left-padded batched greedy generation, CPU or GPU (``num_gpus`` per actor)
 
-Both return rows ``{id, reply, finish_reason, error}``.
+Both return rows ``{id, reply, finish_reason, error}``; the endpoint's also ``tool_calls`` (JSON text,
+"" for none) and ``native`` ("" not asked natively, "on", "fallback").
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 
 import pyarrow as pa
 
 REPLY_SCHEMA = pa.schema([("id", pa.string()), ("reply", pa.string()), ("finish_reason", pa.string()),
-                          ("error", pa.string())])
-CASE_ROW_SCHEMA = pa.schema([("id", pa.string()), ("messages", pa.string())])  # messages as JSON text
+                          ("error", pa.string()), ("tool_calls", pa.string()), ("native", pa.string())])
+# messages as JSON text; tools: JSON text of the tool schemas to pass as tools= ("" for none)
+CASE_ROW_SCHEMA = pa.schema([("id", pa.string()), ("messages", pa.string()), ("tools", pa.string())])
+NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9_-]")  # what OpenAI does not take in a function name
 
 
 class EndpointTask:
     async def rows(self, row: dict, complete) -> list[dict]:
-        completion = await complete(json.loads(row["messages"]), None, None, strict=False)
-        return [{"id": row["id"], "reply": completion.content, "finish_reason": completion.finish_reason, "error": ""}]
+        import openai
+
+        messages, tools, native = json.loads(row["messages"]), json.loads(row.get("tools") or "[]"), ""
+        schemas, names = native_schemas(tools)
+        try:
+            completion = await complete(messages, None, None, strict=False, tools=schemas or None)
+            native = "on" if schemas else ""
+        except openai.BadRequestError:
+            if not schemas:
+                raise
+            completion, native = await complete(messages, None, None, strict=False), "fallback"
+        calls = [{**call, "function": {**call["function"], "name": names.get(call["function"]["name"],
+                                                                              call["function"]["name"])}}
+                 for call in completion.tool_calls]
+        return [{"id": row["id"], "reply": completion.content, "finish_reason": completion.finish_reason, "error": "",
+                 "tool_calls": json.dumps(calls, ensure_ascii=False) if calls else "", "native": native}]
 
     def failed(self, row: dict, outcome: str, reason: str, detail: str) -> dict:
-        return {"id": row["id"], "reply": "", "finish_reason": "", "error": f"{reason}: {detail}"[:500]}
+        return {"id": row["id"], "reply": "", "finish_reason": "", "error": f"{reason}: {detail}"[:500],
+                "tool_calls": "", "native": ""}
+
+
+def native_schemas(tools: list[dict]) -> tuple[list[dict], dict[str, str]]:
+    """The tool schemas under names OpenAI takes (letters, digits, ``_``, ``-``; at most 64), so
+    ``weather.get_x`` is sent as ``weather_get_x``; and ``{sent name: the case's name}`` to read the
+    reply's calls back with."""
+    schemas, names = [], {}
+    for tool in tools:
+        name = tool["function"]["name"]
+        sent = NOT_IN_NAMES.sub("_", name)[:64]
+        while sent in names:  # two names that differ only where "_" replaced something
+            sent = f"{sent[:58]}_{len(names)}"
+        names[sent] = name
+        schemas.append({**tool, "function": {**tool["function"], "name": sent}})
+    return schemas, names
 
 
 def local_model(model: str, storage) -> str:

@@ -4,6 +4,8 @@
     H_ReAct / H_General   the hallucination rate of suite agent_h under each protocol
     H_Score         ((100 - H_ReAct) + (100 - H_General)) / 2, higher is better (Agent-FLAN, Table 4)
     positives       cases expecting a call: called at all, right name, right arguments (as values)
+    format hit      instruct cases: the reply called in the protocol the case asks for (T-Eval's
+                    instruct score: format hit, then name, then arguments, which count only then)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def pct(part: int, whole: int) -> float | None:
 
 def score(results: list[dict]) -> dict:
     """``results``: per-case rows with suite, protocol, expect_call (bool), called, name_right,
-    arguments_right, correct. Returns the report's ``scores``."""
+    arguments_right, correct, format_hit (None where no format is asked). Returns the report's ``scores``."""
     groups = defaultdict(list)
     for row in results:
         groups[(row["suite"], row["protocol"])].append(row)
@@ -30,12 +32,14 @@ def score(results: list[dict]) -> dict:
     for (suite, protocol), rows in sorted(groups.items()):
         negatives = [r for r in rows if not r["expect_call"]]
         positives = [r for r in rows if r["expect_call"]]
+        formatted = [r for r in rows if r.get("format_hit") is not None]
         per_group[f"{suite}/{protocol}"] = {
             "cases": len(rows), "correct": pct(sum(r["correct"] for r in rows), len(rows)),
             "negatives": len(negatives), "hallucination": pct(sum(r["called"] for r in negatives), len(negatives)),
             "positives": len(positives), "call_rate": pct(sum(r["called"] for r in positives), len(positives)),
             "name_accuracy": pct(sum(r["name_right"] for r in positives), len(positives)),
             "argument_accuracy": pct(sum(r["arguments_right"] for r in positives), len(positives)),
+            "format_hit": pct(sum(r["format_hit"] for r in formatted), len(formatted)),
         }
     scores = {"groups": per_group}
     react, general = (per_group.get(f"agent_h/{p}", {}).get("hallucination") for p in ("react", "general"))
@@ -49,10 +53,11 @@ def markdown(report: dict, compare: dict | None = None) -> str:
     lines = [f"# Evaluation of {report['model']['name']}", "",
              f"Backend `{report['model']['backend']}`; generation {report['generation']}; sets "
              + ", ".join(f"`{s['path']}` ({s['sha256'][:12]})" for s in report["sets"]), "",
-             "| suite/protocol | cases | correct % | hallucination % | call rate % | name % | arguments % |",
-             "|---|---|---|---|---|---|---|"]
+             "| suite/protocol | cases | correct % | hallucination % | call rate % | format hit % | name % | arguments % |",
+             "|---|---|---|---|---|---|---|---|"]
     for group, s in report["scores"]["groups"].items():
-        cells = [s[k] for k in ("correct", "hallucination", "call_rate", "name_accuracy", "argument_accuracy")]
+        cells = [s.get(k) for k in ("correct", "hallucination", "call_rate", "format_hit", "name_accuracy",
+                                    "argument_accuracy")]
         lines.append(f"| {group} | {s['cases']} | " + " | ".join("" if c is None else f"{c:.1f}" for c in cells) + " |")
     agent_h = report["scores"].get("agent_h")
     if agent_h:

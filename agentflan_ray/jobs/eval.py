@@ -2,15 +2,22 @@
 
     agentflan-ray eval --config jobs/configs/eval_demo.yaml
     agentflan-ray eval --config my.yaml model=./model-out sets=[s3://bucket/neg/agent_h]
-    agentflan-ray eval --config my.yaml endpoint=http://vllm:8000/v1 model_name=my-model
+    agentflan-ray eval --config my.yaml endpoint=http://vllm:8000/v1 model_name=my-model [native_tools=off]
+    agentflan-ray eval --config my.yaml --estimate      # cases, requests, tokens, cost, time; runs nothing
+    agentflan-ray eval-sets --toolbench "data/toolbench/**/*.json" --output sets.jsonl   # tool_call, instruct
 
 Read top to bottom::
 
-    preflight       the sets listed; the model directory checked, or the endpoint's key and model
-    read sets       rows {id, suite, protocol, messages, tools, expect}; bad rows quarantined
-    replies         endpoint: map_batches(LLMStage, EndpointTask) under the budget and cache;
-                    model: map_batches(HFGenerate) on an actor pool, batched greedy generation
-    judge           code, not an LLM: ``evaluating.judge.find_call`` on every reply
+    preflight       the sets listed; the model directory checked, or the endpoint's key and model, and
+                    (native_tools=auto) whether it takes tools=, with one small request
+    read sets       rows {id, suite, protocol, messages, tools, expect[, format]}; bad rows quarantined
+    replies         endpoint: map_batches(LLMStage, EndpointTask) under the budget and cache; the tools
+                    of general cases passed as tools= when native (an HTTP 400 to that: asked again as
+                    text, counted as a fallback); model: map_batches(HFGenerate) on an actor pool,
+                    batched greedy generation
+    judge           code, not an LLM: ``evaluating.judge.find_call`` on every reply and its tool_calls;
+                    instruct cases by format hit (``format_call``: the asked protocol's rule alone),
+                    then name and arguments of that call
     report          report.json, report.md (the paper's rows beside ours), cases/part-00000.parquet,
                     then the manifest, last
 """
@@ -22,7 +29,9 @@ import hashlib
 import json
 import posixpath
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pyarrow as pa
 import ray
@@ -45,8 +54,18 @@ CASE_SCHEMA = pa.schema([
     ("finish_reason", pa.string()), ("called", pa.bool_()), ("call_name", pa.string()),
     ("call_arguments", pa.string()), ("rule", pa.string()), ("matched", pa.string()), ("expect", pa.string()),
     ("name_right", pa.bool_()), ("arguments_right", pa.bool_()), ("correct", pa.bool_()), ("error", pa.string()),
+    ("format_hit", pa.bool_()), ("reply_tool_calls", pa.string()), ("native", pa.string()),
 ])
 BAD_SCHEMA = pa.schema([("where", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("row", pa.string())])
+
+
+@dataclass
+class EvalLLMConfig(LLMConfig):
+    """The endpoint settings with an evaluation's defaults, greedy and short, which a config giving
+    only some ``llm.*`` keys keeps."""
+
+    temperature: float = 0.0
+    max_tokens: int = 512
 
 
 @dataclass
@@ -58,12 +77,15 @@ class EvalConfig(JobConfig):
     model: str = ""  # a Hugging Face model directory (the train job's export), local or s3://
     endpoint: str = ""  # or an OpenAI-compatible base URL (vLLM, OpenAI, the simulator)
     model_name: str = ""  # the endpoint's model
-    llm: LLMConfig = field(default_factory=lambda: LLMConfig(temperature=0.0, max_tokens=512))
+    llm: EvalLLMConfig = field(default_factory=EvalLLMConfig)
     max_new_tokens: int = 256  # model backend
     batch_size: int = 8  # model backend: cases per generate call
     actors: int = 1  # model backend
     num_gpus: float = 0.0  # model backend: per actor
     compare: str = ""  # another run's report.json: deltas in the report
+    # endpoint: pass general cases' tools as tools= (auto: when the endpoint takes them in preflight);
+    # YAML reads a bare on/off as a boolean, taken as "on"/"off"
+    native_tools: Literal["auto", "on", "off"] | bool = "auto"
 
     def validate(self, key: str = "") -> None:
         if not self.sets:
@@ -74,6 +96,8 @@ class EvalConfig(JobConfig):
             self.llm.base_url = self.endpoint
         if self.model_name:
             self.llm.model = self.model_name
+        if isinstance(self.native_tools, bool):
+            self.native_tools = "on" if self.native_tools else "off"
         for name in ("max_new_tokens", "batch_size", "actors"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be positive")
@@ -98,7 +122,13 @@ def preflight(config: EvalConfig):
     from agentflan_ray.llm.client import LLMClient
 
     probe = LLMClient(config.llm)
-    asyncio.run(probe.preflight())
+
+    async def check() -> bool:  # on one event loop: the client's connections belong to it
+        await probe.preflight()
+        # auto: one small request offering a tool; an HTTP 400 means the endpoint takes text only
+        return config.native_tools == "on" or (config.native_tools == "auto" and await probe.accepts_tools())
+
+    config.native_tools = "on" if asyncio.run(check()) else "off"
     return probe
 
 
@@ -131,6 +161,9 @@ def run(config: EvalConfig, log=print, prepared=None) -> dict:
     tally.files = writer.close()
     model = {"backend": "model" if config.model else "endpoint",
              "name": config.model or (probe.model if probe else ""), "base_url": "" if config.model else config.llm.base_url}
+    native = Counter(reply.get("native") or "" for reply in replies.values())
+    if native["fallback"]:
+        log(f"[eval] the endpoint rejected tools= (HTTP 400) for {native['fallback']:,} cases: asked as text")
     report = {"model": model, "generation": generation(config), "scores": score(results),
               "sets": [{"path": path, "sha256": digest(path, config)} for path in files]}
     if config.compare:
@@ -139,6 +172,7 @@ def run(config: EvalConfig, log=print, prepared=None) -> dict:
     write_text(config, "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     write_text(config, "report.md", markdown(report, read_json(config.compare, config) if config.compare else None))
     manifest = build_manifest(NAME, config, tally, scores=report["scores"], llm=usage,
+                              native_tools={"asked": native["on"] + native["fallback"], "fallback": native["fallback"]},
                               seconds=round(time.monotonic() - started, 3))
     finish_output(config.output, config.storage, FOLDERS, manifest)
     log(markdown(report).split("\n## ")[0])
@@ -149,16 +183,19 @@ def run(config: EvalConfig, log=print, prepared=None) -> dict:
 
 
 def judged(case: dict, reply: dict) -> dict:
-    from agentflan_ray.evaluating.judge import find_call, same_call
+    from agentflan_ray.evaluating.judge import find_call, format_call, same_call
 
     offered = tool_names(case)
-    verdict = find_call(reply["reply"], offered)
-    expect = case["expect"]
+    verdict = find_call(reply["reply"], offered, json.loads(reply.get("tool_calls") or "[]"))
+    expect, fmt, format_hit, scored = case["expect"], case.get("format"), None, verdict
+    if fmt:  # instruct: format hit (a call in the asked protocol), then name and arguments of that call only
+        scored = format_call(reply["reply"], fmt)
+        format_hit, verdict = scored.called, scored if scored.called else verdict
     if expect == "no_call":
         name_right = arguments_right = False
         correct = not verdict.called
     else:
-        name_right, arguments_right = same_call(verdict, expect, offered) if verdict.called else (False, False)
+        name_right, arguments_right = same_call(scored, expect, offered) if scored.called else (False, False)
         correct = name_right and arguments_right
     return {"id": case["id"], "suite": case["suite"], "protocol": case["protocol"], "reply": reply["reply"],
             "finish_reason": reply["finish_reason"], "called": verdict.called, "call_name": verdict.name,
@@ -166,11 +203,15 @@ def judged(case: dict, reply: dict) -> dict:
             if verdict.arguments is not None else "",
             "rule": verdict.rule, "matched": verdict.matched,
             "expect": expect if isinstance(expect, str) else json.dumps(expect, ensure_ascii=False, sort_keys=True),
-            "name_right": name_right, "arguments_right": arguments_right, "correct": correct, "error": ""}
+            "name_right": name_right, "arguments_right": arguments_right, "correct": correct, "error": "",
+            "format_hit": format_hit, "reply_tool_calls": reply.get("tool_calls") or "", "native": reply.get("native") or ""}
 
 
-def case_rows(cases: list[dict]) -> list[dict]:
-    return [{"id": c["id"], "messages": json.dumps(c["messages"], ensure_ascii=False)} for c in cases]
+def case_rows(cases: list[dict], native: bool = False) -> list[dict]:
+    """Rows for a backend; ``native``: the tools of general cases go along, to pass as ``tools=``."""
+    return [{"id": c["id"], "messages": json.dumps(c["messages"], ensure_ascii=False),
+             "tools": json.dumps(c["tools"], ensure_ascii=False) if native and c["protocol"] == "general" and c["tools"]
+             else ""} for c in cases]
 
 
 def ask_endpoint(config: EvalConfig, cases: list[dict], probe, log) -> tuple[dict, dict]:
@@ -185,13 +226,14 @@ def ask_endpoint(config: EvalConfig, cases: list[dict], probe, log) -> tuple[dic
     replies, asked = {}, Tally()
     if cases:
         blocks = max(1, min(len(cases) // max(llm.batch_size, 1) + 1, 64))
-        dataset = ray.data.from_arrow(pa.Table.from_pylist(case_rows(cases), schema=CASE_ROW_SCHEMA)).repartition(blocks)
+        rows = case_rows(cases, native=config.native_tools == "on")
+        dataset = ray.data.from_arrow(pa.Table.from_pylist(rows, schema=CASE_ROW_SCHEMA)).repartition(blocks)
         results = dataset.map_batches(
             LLMStage, fn_constructor_kwargs={"task": EndpointTask(), "schema": REPLY_SCHEMA, "llm": llm,
                                              "storage": config.storage, "cache_uri": join(config.output, "llm_cache"),
                                              "budget": budget, "api_key": Secret(probe.api_key)},
             batch_size=llm.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=llm.actors),
-            num_cpus=0.25, scheduling_strategy="SPREAD")
+            num_cpus=0.25, scheduling_strategy="SPREAD", **config.placement.remote_args())
         progress = Progress(NAME, len(cases), "cases", log, config.progress, detail=lambda t: cost_line(t, price))
         for table in results.iter_batches(batch_format="pyarrow", batch_size=None):
             done = account_rows(table, asked, SOURCE)
@@ -230,10 +272,18 @@ def generate_hf(config: EvalConfig, cases: list[dict], log) -> tuple[dict, dict]
     return replies, {"model": config.model, "requests": 0}
 
 
+def estimate(config: EvalConfig, log=print) -> dict:
+    """`--estimate`: cases, requests, tokens, cost and time from the sets; no Ray, no API call."""
+    from agentflan_ray.evaluating.estimate import estimate_run
+
+    return estimate_run(config, log)
+
+
 def generation(config: EvalConfig) -> dict:
     if config.model:
         return {"decoding": "greedy", "max_new_tokens": config.max_new_tokens}
-    return {"temperature": config.llm.temperature, "max_tokens": config.llm.max_tokens}
+    return {"temperature": config.llm.temperature, "max_tokens": config.llm.max_tokens,
+            "native_tools": config.native_tools}
 
 
 def digest(path: str, config: EvalConfig) -> str:
