@@ -15,6 +15,12 @@ def stats(base_url: str) -> dict:
         return json.loads(response.read())
 
 
+def reset_stats(base_url: str) -> None:
+    request = urllib.request.Request(base_url.removesuffix("/v1") + "/stats/reset", data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=30):
+        pass
+
+
 def start_simulator(*flags: str, port_base: int) -> tuple[subprocess.Popen, str]:
     """``(process, base_url)`` once the simulator answers; ``flags`` as for ``serve-sim``."""
     port = port_base + os.getpid() % 400

@@ -7,12 +7,25 @@ bundled Agent-H set (`jobs/configs/eval_demo_agent_h.jsonl`, repeated to ``--cas
 job on a local Ray with one actor, run twice: ``batch_size=1`` and ``--batch-size``. Prints one JSON
 line with cases per second of each (first case to the end of the job, model loading included) and
 their ratio.
+
+Endpoint backend against the simulator (``--endpoint``):
+
+    python bench/eval_throughput.py --endpoint --cases 3000 --latency 0.5 --rpm 6000
+
+The three bundled sets (Agent-H, tool_call, instruct) cycled to ``--cases`` cases, each prompt made
+unique (no cache hit), and the real `eval` job with ``native_tools=auto`` (general cases get tools=,
+the simulator answers about half of them with native calls) against ``serve-sim`` (its own process)
+on a local Ray with the machine's CPUs. The preflight runs first, then the simulator's counts are
+reset. Prints one JSON line: ``of_bound``, answers per second from the first answer to the last over
+``min(rpm / 60, actors * concurrency / latency)``; ``share_429``; ``lost`` (cases neither scored nor
+dead-lettered); ``wall_s`` and ``wall_over_bound_s`` (the job's wall time minus ``cases / bound``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -60,5 +73,74 @@ def main() -> None:
     print(json.dumps(result), flush=True)
 
 
+def endpoint_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description="the eval job's endpoint backend against the simulator")
+    parser.add_argument("--cases", type=int, default=3000)
+    parser.add_argument("--latency", type=float, default=0.5)
+    parser.add_argument("--rpm", type=int, default=6000)
+    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OPENAI_API_KEY", "sk-bench")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    sys.path.insert(0, str(REPO / "bench"))
+    from _simulator import reset_stats, start_simulator, stats
+
+    server, base_url = start_simulator("--latency", str(args.latency), "--rpm", str(args.rpm), port_base=19400)
+    try:
+        import ray
+
+        from agentflan_ray.config import load_config
+        from agentflan_ray.jobs.eval import EvalConfig, preflight
+        from agentflan_ray.jobs.eval import run as run_eval
+
+        ray.init(logging_level="ERROR", include_dashboard=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        with tempfile.TemporaryDirectory() as tmp:
+            sets = unique_cases(Path(tmp) / "set.jsonl", args.cases)
+            config = load_config(EvalConfig, None, [
+                f"sets=[{sets}]", f"output={Path(tmp) / 'out'}", f"endpoint={base_url}", "model_name=sim-gpt-4",
+                f"llm.rpm={args.rpm}", f"llm.actors={args.actors}", f"llm.concurrency={args.concurrency}",
+                "progress=false"])
+            prepared = preflight(config)
+            reset_stats(base_url)
+            started = time.monotonic()
+            manifest = run_eval(config, log=lambda *_: None, prepared=prepared)
+            wall = time.monotonic() - started
+        sim = stats(base_url)
+        ray.shutdown()
+    finally:
+        server.terminate()
+    counts = manifest["counts"]
+    times = sim["answer_times"] or [0.0]
+    seconds = max(times[-1] - times[0], 1e-9)
+    bound = min(args.rpm / 60, args.actors * args.concurrency / args.latency)
+    print(json.dumps({
+        "cases": args.cases, "written": counts.get("written", 0), "dead_lettered": counts.get("dead_lettered", 0),
+        "lost": args.cases - counts.get("written", 0) - counts.get("dead_lettered", 0),
+        "native_tools": config.native_tools, "asked_natively": manifest["native_tools"]["asked"],
+        "answers_per_s": round(len(times) / seconds, 1), "bound_per_s": round(bound, 1),
+        "of_bound": round(len(times) / seconds / bound, 3),
+        "share_429": round(sim["status"].get("429", 0) / max(sum(sim["status"].values()), 1), 4),
+        "wall_s": round(wall, 1), "wall_over_bound_s": round(wall - args.cases / bound, 1),
+    }), flush=True)
+
+
+def unique_cases(path: Path, count: int) -> Path:
+    """The bundled sets cycled to ``count`` cases, each with its own id and its own last turn."""
+    rows = [json.loads(line) for name in ("agent_h", "tool_call", "instruct")
+            for line in (REPO / f"jobs/configs/eval_demo_{name}.jsonl").read_text().splitlines()]
+    with open(path, "w") as f:
+        for i in range(count):
+            row = rows[i % len(rows)]
+            *head, last = row["messages"]
+            f.write(json.dumps({**row, "id": f"case-{i}",
+                                "messages": [*head, {**last, "content": f"{last['content']}\n(case {i})"}]}) + "\n")
+    return path
+
+
 if __name__ == "__main__":
-    main()
+    if "--endpoint" in sys.argv[1:]:
+        endpoint_main([arg for arg in sys.argv[1:] if arg != "--endpoint"])
+    else:
+        main()
