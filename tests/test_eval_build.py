@@ -8,11 +8,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from agentflan_ray.aligning.toolbench import qualified_name, render_instruct
 from agentflan_ray.cli import main
 from agentflan_ray.evaluating.build import build_sets, held_out, read_toolbench
 from agentflan_ray.evaluating.judge import find_call, format_call, same_call
-from agentflan_ray.evaluating.sets import read_sets
+from agentflan_ray.evaluating.sets import BadCase, check_case, read_sets
 from agentflan_ray.storage import StorageConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,3 +99,16 @@ def test_eval_sets_wrote_the_shipped_demo_sets(tmp_path, capsys):
     assert Counter(json.loads(line)["suite"] for line in both.read_text().splitlines()) == {"tool_call": 17, "instruct": 6}
     assert main(["eval-sets", "--toolbench", str(tmp_path / "none/*.json"), "--output", str(both)]) == 2
     assert "matched no file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"format": None}, "bad_format"), ({"format": "xml"}, "bad_format"), ({"format": ["json"]}, "bad_format"),
+    ({"expect": "no_call"}, "bad_format"), ({"suite": "tool_call", "format": "yaml"}, "bad_format"),
+    ({"messages": "[{"}, "bad_json"), ({"expect": {"arguments": {}}}, "bad_expect"),
+])
+def test_a_broken_instruct_case_is_quarantined_with_its_reason(change, reason):
+    good = json.loads((REPO / "jobs/configs/eval_demo_instruct.jsonl").read_text().splitlines()[0])
+    assert check_case(good)["format"] == good["format"]
+    with pytest.raises(BadCase) as info:
+        check_case({**good, **change})
+    assert info.value.reason == reason

@@ -58,8 +58,9 @@ def check_case(row) -> dict:
         if not (isinstance(expect, dict) and isinstance(expect.get("name"), str)
                 and isinstance(expect.get("arguments", {}), dict)):
             raise BadCase("bad_expect", 'expected "no_call" or {"name": .., "arguments": {..}}')
-    asks_format = row["suite"] == "instruct" or row.get("format") not in (None, "")
-    if asks_format and (row.get("format") not in FORMAT_RULES or expect == "no_call"):
+    fmt = row.get("format")
+    if (row["suite"] == "instruct" or fmt not in (None, "")) and (
+            not isinstance(fmt, str) or fmt not in FORMAT_RULES or expect == "no_call"):
         raise BadCase("bad_format", f'an instruct case expects a call in "format": one of {list(FORMAT_RULES)}')
     return {**row, "id": str(row["id"]), "suite": str(row["suite"]), "protocol": str(row["protocol"]),
             "messages": [{"role": m["role"], "content": m.get("content") or ""} for m in messages],
