@@ -3,6 +3,7 @@
     agentflan-ray generate --config jobs/configs/demo.yaml [key=value ...]
     agentflan-ray chat --config jobs/configs/chat_demo.yaml [key=value ...]
     agentflan-ray train --config jobs/configs/train_demo.yaml data=./out/demo model=./tiny max_steps=20
+    agentflan-ray pipeline --config jobs/configs/pipeline_demo.yaml
     agentflan-ray serve-sim --port 8000 --latency 0.5 --rpm 6000 [--error-500 0.05 ...]
     agentflan-ray make-tiny-model --data ./out/demo --output ./tiny
     agentflan-ray eval-sets --toolbench "data/toolbench/**/*.json" --output sets.jsonl [--limit N] [--seed S]
@@ -33,6 +34,7 @@ JOBS = {
     "negatives": ("agentflan_ray.jobs.negatives", "Agent-H-style negative samples and the held-out Agent-H set"),
     "train": ("agentflan_ray.jobs.train", "DeepSpeed SFT over generated shards with Ray Train"),
     "eval": ("agentflan_ray.jobs.eval", "tool-call hallucination (Agent-H) and tool-use accuracy of a model or endpoint"),
+    "pipeline": ("agentflan_ray.jobs.pipeline", "generate, negatives, train and eval in order; finished stages skipped"),
 }
 
 

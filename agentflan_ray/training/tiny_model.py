@@ -24,8 +24,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def sample_texts(data_dir: str, limit: int = 5000) -> list[str]:
-    storage = StorageConfig()
+def sample_texts(data_dir: str, limit: int = 5000, storage: StorageConfig | None = None) -> list[str]:
+    storage = storage or StorageConfig()
     fs, _ = filesystem(data_dir, storage)
     texts: list[str] = []
     for path in sample_shards(data_dir, storage):
@@ -55,11 +55,11 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2000):
 
 
 def make_tiny_model(data_dir: str, output: str, hidden: int = 64, layers: int = 2, vocab_size: int = 2000,
-                    seed: int = 0) -> str:
+                    seed: int = 0, storage: StorageConfig | None = None) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = train_tokenizer(sample_texts(data_dir), vocab_size)
+    tokenizer = train_tokenizer(sample_texts(data_dir, storage=storage), vocab_size)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
