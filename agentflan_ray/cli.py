@@ -6,7 +6,7 @@
     agentflan-ray pipeline --config jobs/configs/pipeline_demo.yaml
     agentflan-ray serve-sim --port 8000 --latency 0.5 --rpm 6000 [--error-500 0.05 ...]
     agentflan-ray make-tiny-model --data ./out/demo --output ./tiny
-    agentflan-ray eval-sets --toolbench "data/toolbench/**/*.json" --output sets.jsonl [--limit N] [--seed S]
+    agentflan-ray eval-sets --generate-manifest ./out/run1 --output sets.jsonl [--limit N]
 
 Every job is one module with the same shape, listed in ``JOBS``:
 
@@ -99,13 +99,25 @@ def serve_sim(argv: list[str]) -> int:
 
 
 def eval_sets(args) -> int:
-    from agentflan_ray.evaluating.build import SUITES, build_sets, write_jsonl
+    from agentflan_ray.evaluating.build import SUITES, build_sets, generate_holdout, write_jsonl
+    from agentflan_ray.storage import StorageConfig
 
-    if not 0.0 <= args.holdout_share <= 1.0 or args.limit < 0:
+    storage = StorageConfig()
+    seed, share, toolbench = args.seed, args.holdout_share, args.toolbench
+    if args.generate_manifest:  # the generate run's own seed and share: the suites are what it held out
+        held = generate_holdout(args.generate_manifest, storage)
+        for flag, given, used in (("--seed", seed, held["seed"]), ("--holdout-share", share, held["share"])):
+            if given is not None and given != used:
+                raise ConfigError(f"{flag} {given} differs from the {used} of the generate run {args.generate_manifest}")
+        seed, share, toolbench = held["seed"], held["share"], toolbench or held["toolbench_inputs"]
+    seed, share = 0 if seed is None else seed, 0.05 if share is None else share
+    if not toolbench:
+        raise ConfigError("eval-sets: give --toolbench or --generate-manifest")
+    if not 0.0 <= share <= 1.0 or args.limit < 0:
         raise ConfigError("--holdout-share must be within [0, 1] and --limit 0 or more")
-    cases, counts = build_sets(args.toolbench, tuple(args.suite or SUITES), args.seed, args.holdout_share, args.limit)
-    write_jsonl(cases, args.output)
-    print(f"{len(cases):,} cases {counts['cases']} from {counts['held_out']:,} held-out of "
+    cases, counts = build_sets(toolbench, tuple(args.suite or SUITES), seed, share, args.limit, storage)
+    write_jsonl(cases, args.output, storage)
+    print(f"{len(cases):,} cases {counts['cases']} from {counts['held_out']:,} held-out (seed {seed}, share {share}) of "
           f"{counts['trajectories']:,} usable trajectories -> {args.output}; left out: "
           f"{counts['records_left_out'] | counts['cases_left_out'] or 'none'}")
     return 0
@@ -129,14 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--output", required=True)
     sets = commands.add_parser("eval-sets", help="the eval job's tool_call and instruct suites from held-out "
                                                  "ToolBench trajectories, as JSONL (see evaluating/build.py)")
-    sets.add_argument("--toolbench", required=True, help="ToolBench answer files: a path, folder or glob, local or s3://"
-                                                        " (as in the generate config, so trajectory ids match)")
+    sets.add_argument("--generate-manifest", metavar="OUTPUT",
+                      help="a generate output with eval_holdout set: seed, share and ToolBench paths from its manifest")
+    sets.add_argument("--toolbench", action="append",
+                      help="ToolBench answer files: a path, folder or glob, local or s3:// (repeatable; as in the "
+                           "generate config, so trajectory ids match; default: the --generate-manifest run's)")
     sets.add_argument("--output", required=True, help="the JSONL file to write")
     sets.add_argument("--suite", action="append", choices=("tool_call", "instruct"), help="a suite to build (repeatable; default both)")
     sets.add_argument("--limit", type=int, default=0, help="at most this many cases per suite (0: all)")
-    sets.add_argument("--seed", type=int, default=0, help="the generate job's seed: held-out choice and renderings")
-    sets.add_argument("--holdout-share", type=float, default=0.05,
-                      help="share of trajectories held out, by a seeded hash of their id (default 0.05)")
+    sets.add_argument("--seed", type=int, help="the generate job's seed: held-out choice and renderings (default 0)")
+    sets.add_argument("--holdout-share", type=float,
+                      help="share of trajectories held out, by a seeded hash of their id: the generate job's "
+                           "eval_holdout (default 0.05)")
     # A flag may come after key=value overrides (argparse stops at the first positional list).
     estimate = "--estimate" in argv
     args = parser.parse_args([a for a in argv if a != "--estimate"])

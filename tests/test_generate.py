@@ -4,6 +4,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import boto3
@@ -11,10 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, demo_overrides
 
+from agentflan_ray.aligning.split import held_out
 from agentflan_ray.cli import main
-from agentflan_ray.config import load_config
-from agentflan_ray.jobs.generate import GenerateConfig
+from agentflan_ray.config import ConfigError, load_config
+from agentflan_ray.evaluating.build import read_toolbench
+from agentflan_ray.jobs.generate import GenerateConfig, drop_held_out_material, succeeded
 from agentflan_ray.jobs.generate import run as generate
+from agentflan_ray.storage import StorageConfig
 
 STREAM_DIRS = {"tflan_cot", "tflan_decomposed", "instruct", "agent_instruct_react", "agent_instruct_tflan",
                "general", "agentflan", "quarantine"}
@@ -69,6 +73,43 @@ def test_rerun_replaces_files_and_removes_stale_ones(ray_session, sample_data, t
     assert not stale.exists()
     assert file_digests(out) == digests
     assert second == first
+
+
+def test_eval_holdout_keeps_the_eval_suites_trajectories_out_of_training(ray_session, sample_data, tmp_path):
+    out = tmp_path / "out"
+    manifest = run([*demo_overrides(sample_data, out), "seed=3", "eval_holdout=0.5"])
+    toolbench = f"{sample_data}/toolbench/**/*.json"
+    usable = {t.id for t in read_toolbench([toolbench], StorageConfig(), Counter())}
+    held = {i for i in usable if held_out(3, i, 0.5)}
+    assert len(usable) == 6 and 0 < len(held) < 6
+    counts = manifest["counts"]
+    assert counts["per_source"]["toolbench"] == {"read": 10, "written": 6 - len(held), "quarantined": 4,
+                                                 "dead_lettered": 0, "held_out": len(held)}
+    assert counts["per_source"]["agentinstruct"]["held_out"] == 0 and counts["held_out"] == len(held)
+    assert succeeded(manifest)
+    assert manifest["eval_holdout"] == {"seed": 3, "share": 0.5, "toolbench_inputs": [toolbench],
+                                        "held_out_for_eval": {"toolbench": len(held)}, "negative_material_left_out": 0}
+    trained = {row["source_id"] for shard in out.rglob("part-*.parquet") if shard.parent.name != "quarantine"
+               for row in pq.read_table(shard, columns=["source", "source_id"]).to_pylist() if row["source"] == "toolbench"}
+    assert trained == usable - held
+    # The eval suites, built from this run's manifest, are exactly the held-out trajectories.
+    sets = tmp_path / "sets.jsonl"
+    assert main(["eval-sets", "--generate-manifest", str(out), "--output", str(sets)]) == 0
+    assert {json.loads(line)["source_id"] for line in sets.read_text().splitlines()} == held
+
+
+def test_eval_holdout_leaves_out_negative_material_and_is_checked():
+    material = {"tool_query": [{"source": "toolbench", "id": f"G1/{i}.json#0"} for i in range(200)]
+                + [{"source": "agentinstruct", "id": f"os/{i}"} for i in range(50)],
+                "tool_list": [{"source": "teval", "id": "weather"}]}
+    config = load_config(GenerateConfig, None, ["inputs=[{format: toolbench, path: x}]", "seed=2", "eval_holdout=0.3"])
+    dropped = drop_held_out_material(material, config)
+    assert 30 < dropped < 100 and len(material["tool_query"]) == 250 - dropped
+    assert not any(held_out(2, m["id"], 0.3) for m in material["tool_query"] if m["source"] == "toolbench")
+    assert len(material["tool_list"]) == 1 and sum(m["source"] == "agentinstruct" for m in material["tool_query"]) == 50
+    for share in ("1", "-0.1"):
+        with pytest.raises(ConfigError, match="eval_holdout: must be within"):
+            load_config(GenerateConfig, None, ["inputs=[{format: toolbench, path: x}]", f"eval_holdout={share}"])
 
 
 def write_broken_corpus(root: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from agentflan_ray.aligning.agentinstruct import render_agentinstruct
-from agentflan_ray.aligning.split import pick_share, unit_hash
+from agentflan_ray.aligning.split import held_out, pick_share, unit_hash
 from agentflan_ray.aligning.toolbench import (
     render_instruct,
     render_react,
@@ -31,6 +31,12 @@ def toolbench_stream(trajectory_id: str, config: GenerateConfig) -> str:
         "tflan_decomposed": config.toolbench_split.tflan_decomposed,
     }
     return pick_share(unit_hash(config.seed, trajectory_id, "stream"), shares)
+
+
+def held_out_for_eval(trajectory, config: GenerateConfig) -> bool:
+    """A ToolBench trajectory kept out of training for the `tool_call` / `instruct` eval suites
+    (`eval_holdout`); `evaluating/build.py` builds them from exactly these."""
+    return isinstance(trajectory, ToolTrajectory) and held_out(config.seed, trajectory.id, config.eval_holdout)
 
 
 def align(trajectory, config: GenerateConfig) -> list[Sample]:

@@ -30,3 +30,9 @@ def pick_share(value: float, shares: dict[str, float]) -> str:
         if value < total:
             return name
     return last
+
+
+def held_out(seed: int, trajectory_id: str, share: float) -> bool:
+    """Whether a ToolBench trajectory is kept out of training for the `tool_call` / `instruct` eval
+    suites: `generate` (`eval_holdout`) skips exactly the ones `eval-sets` builds from."""
+    return unit_hash(seed, trajectory_id, "eval-holdout") < share

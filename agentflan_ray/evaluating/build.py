@@ -1,13 +1,16 @@
 """The `tool_call` and `instruct` evaluation suites, built from held-out ToolBench trajectories.
 
+    agentflan-ray eval-sets --generate-manifest out/run1 --output sets.jsonl [--suite tool_call] [--limit N]
     agentflan-ray eval-sets --toolbench "data/toolbench/**/*.json" --output sets.jsonl \
         [--suite tool_call --suite instruct] [--limit N] [--seed S] [--holdout-share F]
 
-Held out: a trajectory is held out when ``unit_hash(seed, id, "eval-holdout") < holdout_share``
-(``held_out``), its id given as the `generate` job gives it (the record's id, else its file name and
-position, relative to the glob), so pass the path and seed of the generate config. The generate job
-has no held-out split of its own: it trains on every trajectory it reads. Build from ToolBench files
-the training run did not read, or leave the held-out share out of its inputs yourself.
+Held out: a trajectory is held out when ``aligning/split.py: held_out(seed, id, share)``, its id
+given as the `generate` job gives it (the record's id, else its file name and position, relative to
+the glob). The `generate` job skips exactly these when its ``eval_holdout`` is that share (and its
+``seed`` that seed), and its manifest's ``eval_holdout`` section records seed, share and ToolBench
+inputs: ``--generate-manifest <generate output>`` reads them from there so they cannot differ.
+Given by hand, ``--seed`` / ``--holdout-share`` must be generate's ``seed`` / ``eval_holdout`` and
+``--toolbench`` its ToolBench paths (local or ``s3://``), or the suites overlap the training data.
 
     tool_call   one case per call of a held-out trajectory (``Finish`` aside, it is the answer): the
                 conversation before that call as the `tflan_cot` stream renders it (the aligned system
@@ -34,8 +37,9 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 
-from agentflan_ray.aligning.split import unit_hash
+from agentflan_ray.aligning.split import held_out, unit_hash
 from agentflan_ray.aligning.toolbench import qualified_name, render_instruct, render_tflan_cot
+from agentflan_ray.config import ConfigError
 from agentflan_ray.evaluating.judge import FORMAT_RULES, find_call, same_call
 from agentflan_ray.reading.decode import iter_raw_records
 from agentflan_ray.reading.parse import parse_record
@@ -43,12 +47,9 @@ from agentflan_ray.reading.toolbench import FINISH
 from agentflan_ray.reading.turns import record_id
 from agentflan_ray.records import RecordError, ToolTrajectory
 from agentflan_ray.storage import StorageConfig, filesystem
+from agentflan_ray.writing.manifest import read_manifest
 
 SUITES = ("tool_call", "instruct")
-
-
-def held_out(trajectory_id: str, seed: int, share: float) -> bool:
-    return unit_hash(seed, trajectory_id, "eval-holdout") < share
 
 
 def openai_tools(tools: list[dict]) -> list[dict]:
@@ -99,16 +100,17 @@ def instruct_case(t: ToolTrajectory, seed: int) -> tuple[dict | None, str]:
             "expect": expect, "source": t.source, "source_id": t.id}, ""
 
 
-def read_toolbench(path: str, storage: StorageConfig, notes: Counter) -> Iterator[ToolTrajectory]:
-    """The usable trajectories of ToolBench files, read and identified as the `generate` job reads them;
-    records that cannot be used are counted in ``notes`` by reason."""
+def read_toolbench(paths: list[str], storage: StorageConfig, notes: Counter) -> Iterator[ToolTrajectory]:
+    """The usable trajectories of ToolBench files (paths, folders or globs, local or ``s3://``), read
+    and identified as the `generate` job reads them; records that cannot be used are counted in
+    ``notes`` by reason."""
     from agentflan_ray.jobs.generate import GenerateConfig, InputSpec
     from agentflan_ray.reading.plan import plan_read_tasks
 
-    config = GenerateConfig(inputs=[InputSpec("toolbench", path, "toolbench")], storage=storage)
+    config = GenerateConfig(inputs=[InputSpec("toolbench", path, "toolbench") for path in paths], storage=storage)
     tasks, unmatched = plan_read_tasks(config)
     if unmatched:
-        raise FileNotFoundError(f"--toolbench: {path} matched no file")
+        raise FileNotFoundError("--toolbench: " + "; ".join(f"{path} matched no file" for path in unmatched))
     for piece in (piece for task in tasks for piece in task.ranges):
         for raw in iter_raw_records(piece, config):
             if raw.error:
@@ -122,16 +124,16 @@ def read_toolbench(path: str, storage: StorageConfig, notes: Counter) -> Iterato
                 notes["too_deep"] += 1
 
 
-def build_sets(path: str, suites: tuple[str, ...] = SUITES, seed: int = 0, holdout_share: float = 0.05,
+def build_sets(paths: list[str], suites: tuple[str, ...] = SUITES, seed: int = 0, holdout_share: float = 0.05,
                limit: int = 0, storage: StorageConfig | None = None) -> tuple[list[dict], dict]:
-    """``(cases, counts)``: the cases of ``suites`` from the held-out trajectories under ``path``;
+    """``(cases, counts)``: the cases of ``suites`` from the held-out trajectories under ``paths``;
     counts of trajectories read, held out, and records or cases left out by reason."""
     notes, dropped = Counter(), Counter()
     kept = {suite: [] for suite in suites}  # per suite a heap of (-pick, order, case): the smallest picks
     read = held = order = 0
-    for trajectory in read_toolbench(path, storage or StorageConfig(), notes):
+    for trajectory in read_toolbench(paths, storage or StorageConfig(), notes):
         read += 1
-        if not held_out(trajectory.id, seed, holdout_share):
+        if not held_out(seed, trajectory.id, holdout_share):
             continue
         held += 1
         found = tool_call_cases(trajectory, seed) if "tool_call" in suites else []
@@ -156,3 +158,22 @@ def write_jsonl(cases: list[dict], output: str, storage: StorageConfig | None = 
     with fs.open_output_stream(path) as out:
         for case in cases:
             out.write((json.dumps(case, ensure_ascii=False, sort_keys=True) + "\n").encode())
+
+
+def write_sets(toolbench_specs: list[str], output_uri: str, storage: StorageConfig, seed: int, share: float,
+               limit: int = 0, suites: tuple[str, ...] = SUITES) -> dict[str, int]:
+    """Build the suites from the trajectories `generate` held out with this ``seed`` and ``share`` (its
+    ``eval_holdout``) and write them as one JSONL file, local or ``s3://``; the cases per suite."""
+    cases, counts = build_sets(toolbench_specs, suites, seed, share, limit, storage)
+    write_jsonl(cases, output_uri, storage)
+    return {suite: counts["cases"].get(suite, 0) for suite in suites}
+
+
+def generate_holdout(output: str, storage: StorageConfig) -> dict:
+    """The ``eval_holdout`` section (seed, share, toolbench_inputs, counts) of a finished `generate`
+    output's manifest; a ConfigError if that run held nothing out (it trained on every trajectory)."""
+    section = read_manifest(output, storage, "generate").get("eval_holdout")
+    if not section:
+        raise ConfigError(f"{output}: the generate run held no ToolBench trajectory out (eval_holdout was 0), "
+                          "so every one it read is in its training data; rerun it with eval_holdout set")
+    return section

@@ -10,7 +10,8 @@ Read top to bottom, the job is::
                            trajectory rows in rewrite_queue/)
     rewrite_queued         `rewrite: llm` only: read_parquet(queue) -> map_batches(LLMStage, RewriteTask)
                            on an actor pool -> the driver balances and writes them in queue order
-    merge tallies          every record read is counted as written or quarantined, per source
+    merge tallies          every record read is counted as written, quarantined or held out (the
+                           ToolBench trajectories `eval_holdout` keeps for the eval suites), per source
     finish_output          a rerun replaces the files of its own folders (the queue goes), then the
                            manifest, last
 """
@@ -29,9 +30,10 @@ from typing import TYPE_CHECKING, Literal
 import pyarrow.fs as pafs
 import ray
 
-from agentflan_ray.aligning.align import align
+from agentflan_ray.aligning.align import align, held_out_for_eval
 from agentflan_ray.aligning.prompts import PROMPT_VERSION
 from agentflan_ray.aligning.rewrite import QUEUE, QUEUE_SCHEMA, REWRITE_STREAMS, RewriteTask
+from agentflan_ray.aligning.split import held_out
 from agentflan_ray.balancing.balance import BalanceConfig, balance_sample, trained_tokens
 from agentflan_ray.config import ConfigError, JobConfig
 from agentflan_ray.llm.settings import LLMConfig, cost, price_per_1k
@@ -107,6 +109,9 @@ class GenerateConfig(JobConfig):
     toolbench_split: ToolBenchSplit = field(default_factory=ToolBenchSplit)
     # Fraction of ToolBench trajectories that also yield one `instruct` (format-following) sample.
     instruct_share: float = 0.05
+    # Fraction of ToolBench trajectories held out for the `tool_call` / `instruct` eval suites (0: none):
+    # no sample, no negative material; `agentflan-ray eval-sets --generate-manifest <output>` builds them.
+    eval_holdout: float = 0.0
     agentinstruct_streams: list[str] = field(default_factory=lambda: list(AGENTINSTRUCT_STREAMS))
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     # A single source record larger than this is quarantined as `record_too_large`.
@@ -127,6 +132,8 @@ class GenerateConfig(JobConfig):
             raise ConfigError("output: must not be empty")
         if not 0.0 <= self.instruct_share <= 1.0:
             raise ConfigError(f"instruct_share: must be within [0, 1], got {self.instruct_share}")
+        if not 0.0 <= self.eval_holdout < 1.0:
+            raise ConfigError(f"eval_holdout: must be within [0, 1), got {self.eval_holdout}")
         for name in self.agentinstruct_streams:
             if name not in AGENTINSTRUCT_STREAMS:
                 raise ConfigError(f"agentinstruct_streams: unknown stream {name!r}; use {list(AGENTINSTRUCT_STREAMS)}")
@@ -160,23 +167,28 @@ def run_read_task(row: dict, config: GenerateConfig) -> dict:
     for piece in task.ranges:
         for raw in iter_raw_records(piece, config):
             tally.read(piece.source)
-            problem = process_raw_record(raw, piece, config, ratios, writer, tally)
-            if problem is None:
-                tally.outcome(piece.source, "written")
+            outcome = process_raw_record(raw, piece, config, ratios, writer, tally)
+            if isinstance(outcome, Quarantined):
+                tally.outcome(piece.source, "quarantined", outcome.reason)
+                writer.add(QUARANTINE, outcome.to_row())
                 continue
-            tally.outcome(piece.source, "quarantined", problem.reason)
-            writer.add(QUARANTINE, problem.to_row())
+            tally.outcome(piece.source, outcome)
+            if outcome == "held_out":
+                tally.extra["held_out_for_eval"][piece.source] += 1
     tally.files = writer.close()
     return {"index": task.index, "stats": tally.to_json()}
 
 
-def process_raw_record(raw: RawRecord, piece: FileRange, config, ratios, writer, tally) -> Quarantined | None:
-    """Write the samples of one record; return the quarantine row instead if it cannot be used."""
+def process_raw_record(raw: RawRecord, piece: FileRange, config, ratios, writer, tally) -> Quarantined | str:
+    """Write the samples of one record and return ``"written"``; ``"held_out"`` for a trajectory kept
+    for the eval suites (nothing written); the quarantine row instead if it cannot be used."""
     if raw.error:
         return Quarantined(piece.source, raw.where, raw.error, raw.detail, piece.name, raw.preview)
     source_id = record_id(raw.value, raw.where)
     try:
         trajectory = parse_record(piece.format, raw.value, piece.source, source_id, tally.extra["notes"])
+        if held_out_for_eval(trajectory, config):
+            return "held_out"
         samples = align(trajectory, config)
     except RecordError as exc:
         return Quarantined(piece.source, source_id, exc.reason, exc.detail, piece.name, _preview(raw.value))
@@ -194,7 +206,7 @@ def process_raw_record(raw: RawRecord, piece: FileRange, config, ratios, writer,
             tally.extra["rewrite"]["queued"] += 1
             continue
         write_sample(sample, ratios, config.seed, writer, tally)
-    return None
+    return "written"
 
 
 def rewritable(trajectory, sample: Sample) -> bool:
@@ -276,15 +288,28 @@ def run(config: GenerateConfig, log=print, prepared: tuple[list[ReadTask], LLMCl
         notes=dict(sorted(extra["notes"].items())),
         rewrite=rewrite or {"mode": "template"},
         negatives=negatives,
+        eval_holdout=eval_holdout_section(config, tally) if config.eval_holdout else None,
     )
     finish_output(config.output, config.storage, FOLDERS, manifest)
     remove_if_empty(config.output, config.storage, QUEUE)
     counts = manifest["counts"]
     log(
         f"[generate] done in {time.monotonic() - started:.1f}s: read {counts['read']}, written {counts['written']}, "
-        f"quarantined {counts['quarantined']}; samples {manifest['samples']['total']}"
+        f"quarantined {counts['quarantined']}, held out for eval {counts.get('held_out', 0)}; "
+        f"samples {manifest['samples']['total']}"
     )
     return manifest
+
+
+def eval_holdout_section(config: GenerateConfig, tally: Tally) -> dict:
+    """The manifest's ``eval_holdout``: what `eval-sets --generate-manifest` needs to build the suites
+    from exactly the trajectories this run did not train on."""
+    return {
+        "seed": config.seed, "share": config.eval_holdout,
+        "toolbench_inputs": [spec.path for spec in config.inputs if spec.format == "toolbench"],
+        "held_out_for_eval": dict(sorted(tally.extra["held_out_for_eval"].items())),
+        "negative_material_left_out": tally.extra["eval_holdout"]["negative_material_left_out"],
+    }
 
 
 def negative_stream(config: GenerateConfig, tasks: list[ReadTask], probe, tally: Tally, log) -> dict:
@@ -314,12 +339,24 @@ def negative_stream(config: GenerateConfig, tasks: list[ReadTask], probe, tally:
 
     log(f"[generate] building {settings.count:,} negatives")
     material = read_material(negatives, tasks, read_catalogs(negatives))
+    tally.extra["eval_holdout"]["negative_material_left_out"] += drop_held_out_material(material, config)
     made = produce(negatives, material, probe, lambda row: write_sample(Sample.from_row(row), ratios, config.seed,
                                                                         writer, tally), dropped, log)
     tally.files.update(writer.close())
     merge_cases(tally, made.answers, "negatives")
     summary = report(made, negatives, probe.model)
     return {"cases": summary["cases"], "llm": summary["llm"]}
+
+
+def drop_held_out_material(material: dict[str, list[dict]], config: GenerateConfig) -> int:
+    """Leave out the negative material (query, tool list) of trajectories held out for the eval suites,
+    so no training negative is built from them; how many rows went."""
+    dropped = 0
+    for kind, items in material.items():
+        kept = [m for m in items if m["source"] != "toolbench" or not held_out(config.seed, m["id"], config.eval_holdout)]
+        dropped += len(items) - len(kept)
+        material[kind] = kept
+    return dropped
 
 
 def projected_cost_line(tally: Tally, price: dict, total: int) -> str:

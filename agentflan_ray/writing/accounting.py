@@ -1,11 +1,13 @@
 """Every row that enters a job, accounted for: one tally and one progress line for every job.
 
 Per source, every row read ends as exactly one of ``written`` (it produced output), ``quarantined``
-(bad input, with a reason) or ``dead_lettered`` (a request that failed for good, with a reason), so
-``read == written + quarantined + dead_lettered`` holds per source and in total; the manifest
-carries the counts and a job whose counts do not add up exits non-zero. Job-specific counters
-(samples per stream, tokens, cache hits) ride along in ``extra``. Tallies of parallel tasks travel
-as JSON and merge on the driver.
+(bad input, with a reason), ``dead_lettered`` (a request that failed for good, with a reason) or
+``held_out`` (good input kept out of the output on purpose: `generate`'s ``eval_holdout``), so
+``read == written + quarantined + dead_lettered + held_out`` holds per source and in total; the
+manifest carries the counts and a job whose counts do not add up exits non-zero. ``held_out`` is
+listed only by a run that held a row out, so every other manifest reads as it always has.
+Job-specific counters (samples per stream, tokens, cache hits) ride along in ``extra``. Tallies of
+parallel tasks travel as JSON and merge on the driver.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import sys
 import time
 from collections import Counter, defaultdict
 
-OUTCOMES = ("written", "quarantined", "dead_lettered")
+OUTCOMES = ("written", "quarantined", "dead_lettered", "held_out")
+ALWAYS_LISTED = ("written", "quarantined", "dead_lettered")
 
 
 class Tally:
@@ -53,7 +56,7 @@ class Tally:
 
     def counts(self) -> dict:
         """The manifest's ``counts``: totals, per source, per reason."""
-        keys = ("read", *OUTCOMES)
+        keys = ("read", *(o for o in OUTCOMES if o in ALWAYS_LISTED or self.total(o)))
         per_reason: Counter = Counter()
         for counts in self.reasons.values():
             per_reason.update(counts)
@@ -66,8 +69,9 @@ class Tally:
 
 
 def all_accounted(counts: dict) -> bool:
-    """A manifest's ``counts``: every row read ended written, quarantined or dead-lettered, per source."""
-    return all(c["read"] == sum(c[o] for o in OUTCOMES) for c in counts["per_source"].values())
+    """A manifest's ``counts``: every row read ended written, quarantined, dead-lettered or held out,
+    per source."""
+    return all(c["read"] == sum(c.get(o, 0) for o in OUTCOMES) for c in counts["per_source"].values())
 
 
 class Progress:
@@ -89,5 +93,7 @@ class Progress:
             rate = read / max(now - self.started, 1e-9)
             line = (f"[{self.job}] {self.done:,}/{self.total:,} {self.unit} · {read:,} rows · {rate:,.0f} rows/s · "
                     f"{tally.total('quarantined'):,} quarantined · {tally.total('dead_lettered'):,} dead letters")
+            if tally.total("held_out"):
+                line += f" · {tally.total('held_out'):,} held out"
             self.log(line + (f" · {self.detail(tally)}" if self.detail else ""))
             sys.stdout.flush()
