@@ -10,6 +10,7 @@ on the machine).
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -81,6 +82,7 @@ def cluster(tmp_path_factory, s3_server):
     # Ray's socket paths must stay under 107 bytes, which pytest's tmp_path can exceed.
     ray_dir = tempfile.mkdtemp(prefix="afr-ray-", dir="/tmp")
     head = start_node(["--head", f"--port={gcs}", "--node-ip-address=127.0.0.2", "--num-cpus=1",
+                       '--resources={"cpu_node": 100}',  # the CPU node of placement (cluster/); the worker is not
                        "--include-dashboard=true", "--dashboard-host=127.0.0.2", f"--dashboard-port={dashboard}",
                        f"--temp-dir={ray_dir}"], env, logs / "head.log")
     worker = None
@@ -183,6 +185,81 @@ def test_llm_rewrite_submitted_with_s3_input_and_output_holds_the_shared_budget(
     # latency jitter can move one more answer across the window's edge.
     assert max(sum(1 for t in times if s <= t < s + 10) for s in times) <= 43
     assert KEY not in result.stdout + result.stderr
+
+
+def pipeline_overrides(sample_data, tmp_path, output: str) -> list[str]:
+    inputs = next(o for o in demo_overrides(sample_data, "unused") if o.startswith("inputs="))
+    return [f"output={output}", f"tiny_model={tmp_path / 'tiny'}", "progress=false", f"generate.{inputs}",
+            "placement.cpu_resource=cpu_node", "negatives.count=30", "negatives.agent_h_count=10",
+            f"negatives.tool_catalogs=[{REPO / 'tests/fixtures/teval/api_descrip.json'}]",
+            "train.max_steps=6", "train.checkpoint_every=2", "train.max_seq_len=512",
+            f"eval.sets=[{REPO / 'jobs/configs/eval_demo_tool_call.jsonl'}]", "eval.max_new_tokens=8"]
+
+
+def test_pipeline_submitted_with_s3_output_resumes_after_its_driver_is_killed(cluster, tmp_path, sample_data,
+                                                                                 s3_bucket):
+    """`jobs/pipeline.py` on both nodes, output on S3, the simulator and a tiny model: the driver is
+    stopped once generate and negatives have finished; the resubmitted job skips them, trains and
+    evaluates. Data and LLM work ran only on the node that declares cpu_node."""
+    import boto3
+
+    from agentflan_ray.writing.accounting import all_accounted
+
+    s3 = boto3.client("s3")
+    args = [str(REPO / "jobs/pipeline.py"), "--config", str(REPO / "jobs/configs/pipeline_demo.yaml"),
+            *pipeline_overrides(sample_data, tmp_path, f"s3://{s3_bucket}/pipe")]
+    started = subprocess.run([RAY, "job", "submit", f"--address={cluster['dashboard']}", "--no-wait", "--",
+                              sys.executable, *args], env=cluster["env"], capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", started.stdout).group(0)
+
+    def finished_stages() -> list[str]:
+        try:
+            state = json.loads(s3.get_object(Bucket=s3_bucket, Key="pipe/pipeline.json")["Body"].read())
+        except s3.exceptions.NoSuchKey:
+            return []
+        return sorted(state["stages"])
+
+    def logs() -> str:
+        return subprocess.run([RAY, "job", "logs", f"--address={cluster['dashboard']}", job_id], env=cluster["env"],
+                              capture_output=True, text=True, timeout=60).stdout
+
+    wait_until(lambda: finished_stages() == ["generate", "negatives"] or "Traceback" in logs(), 600,
+               "generate and negatives to finish")
+    assert finished_stages() == ["generate", "negatives"], logs()[-5000:]
+    subprocess.run([RAY, "job", "stop", f"--address={cluster['dashboard']}", job_id], env=cluster["env"],
+                   capture_output=True, text=True, timeout=120, check=True)
+    assert "[pipeline] summary" not in logs()
+
+    result = submit(cluster, *args, timeout=900)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    assert "[pipeline] generate: skipped" in result.stdout and "[pipeline] negatives: skipped" in result.stdout
+    manifest = json.loads(s3.get_object(Bucket=s3_bucket, Key="pipe/manifest.json")["Body"].read())
+    assert manifest["stages"] == {"generate": "skipped", "negatives": "skipped", "train": "ran", "eval": "ran"}
+    for stage in ("generate", "negatives", "train", "eval"):
+        stage_manifest = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"pipe/{stage}/manifest.json")["Body"].read())
+        assert stage_manifest["job"] == stage and all_accounted(stage_manifest["counts"]), stage
+    summary = manifest["summary"]
+    assert summary["steps"] == 6 and summary["trained_tokens"] > 0 and summary["H_Score"] is not None
+    assert summary["negatives_samples"]["negative"] > 0 and "tool_call/general" in summary["correct_by_group"]
+    assert s3.head_object(Bucket=s3_bucket, Key="pipe/train/model/config.json")
+    assert KEY not in result.stdout + result.stderr
+    assert node_ips_of(cluster, ("run_read_task", "material_task", "LLMStage")) == {"127.0.0.2"}
+
+
+def node_ips_of(cluster, names: tuple[str, ...]) -> set[str]:
+    """The nodes on which the tasks and actor tasks of the test's cluster whose names hold one of
+    ``names`` ran (from Ray's state API)."""
+    script = ("import json, ray; from ray.util.state import list_nodes, list_tasks; "
+              f"ray.init(address={cluster['address']!r}, logging_level='ERROR'); "
+              "ips = {n.node_id: n.node_ip for n in list_nodes()}; "
+              "print(json.dumps(sorted({(t.name, ips.get(t.node_id)) for t in list_tasks(limit=10000) "
+              f"if t.node_id and any(k in t.name for k in {list(names)!r})}})))")
+    result = subprocess.run([sys.executable, "-c", script], env=cluster["env"], capture_output=True, text=True,
+                            timeout=120)
+    placed = json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else []
+    assert placed, result.stdout[-1000:] + result.stderr[-2000:]
+    return {ip for _, ip in placed}
 
 
 def test_elastic_training_survives_losing_a_node(cluster, tmp_path, s3_bucket):

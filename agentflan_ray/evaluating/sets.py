@@ -15,7 +15,7 @@ import json
 import pyarrow.parquet as pq
 
 from agentflan_ray.evaluating.judge import FORMAT_RULES
-from agentflan_ray.storage import expand, filesystem
+from agentflan_ray.storage import expand, filesystem, is_s3
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -77,7 +77,7 @@ def read_sets(specs: list[str], storage) -> tuple[list[dict], list[dict], list[s
     for spec in specs:
         fs, _ = filesystem(spec, storage)
         for path, _, _ in expand(spec, storage):
-            files.append(path)
+            files.append(f"s3://{path}" if is_s3(spec) else path)  # as the report names it, and opens it again
             for where, row in _rows(fs, path):
                 try:
                     cases.append(check_case(row))
