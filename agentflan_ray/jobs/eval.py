@@ -286,8 +286,8 @@ def generation(config: EvalConfig) -> dict:
             "native_tools": config.native_tools}
 
 
-def digest(path: str, config: EvalConfig) -> str:
-    fs, _ = filesystem(path, config.storage)
+def digest(uri: str, config: EvalConfig) -> str:
+    fs, path = filesystem(uri, config.storage)
     with fs.open_input_stream(path) as f:
         return hashlib.sha256(f.read()).hexdigest()
 
