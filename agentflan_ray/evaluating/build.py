@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import posixpath
 from collections import Counter
 from collections.abc import Iterator
 
@@ -155,6 +156,7 @@ def build_sets(paths: list[str], suites: tuple[str, ...] = SUITES, seed: int = 0
 
 def write_jsonl(cases: list[dict], output: str, storage: StorageConfig | None = None) -> None:
     fs, path = filesystem(output, storage or StorageConfig())
+    fs.create_dir(posixpath.dirname(path), recursive=True)
     with fs.open_output_stream(path) as out:
         for case in cases:
             out.write((json.dumps(case, ensure_ascii=False, sort_keys=True) + "\n").encode())

@@ -339,7 +339,7 @@ def negative_stream(config: GenerateConfig, tasks: list[ReadTask], probe, tally:
 
     log(f"[generate] building {settings.count:,} negatives")
     material = read_material(negatives, tasks, read_catalogs(negatives))
-    tally.extra["eval_holdout"]["negative_material_left_out"] += drop_held_out_material(material, config)
+    tally.extra["eval_holdout"]["negative_material_left_out"] += drop_held_out_material(material, config.seed, config.eval_holdout)
     made = produce(negatives, material, probe, lambda row: write_sample(Sample.from_row(row), ratios, config.seed,
                                                                         writer, tally), dropped, log)
     tally.files.update(writer.close())
@@ -348,12 +348,12 @@ def negative_stream(config: GenerateConfig, tasks: list[ReadTask], probe, tally:
     return {"cases": summary["cases"], "llm": summary["llm"]}
 
 
-def drop_held_out_material(material: dict[str, list[dict]], config: GenerateConfig) -> int:
+def drop_held_out_material(material: dict[str, list[dict]], seed: int, share: float) -> int:
     """Leave out the negative material (query, tool list) of trajectories held out for the eval suites,
     so no training negative is built from them; how many rows went."""
     dropped = 0
     for kind, items in material.items():
-        kept = [m for m in items if m["source"] != "toolbench" or not held_out(config.seed, m["id"], config.eval_holdout)]
+        kept = [m for m in items if m["source"] != "toolbench" or not held_out(seed, m["id"], share)]
         dropped += len(items) - len(kept)
         material[kind] = kept
     return dropped

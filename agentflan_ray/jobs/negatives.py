@@ -32,7 +32,7 @@ import pyarrow as pa
 import ray
 
 from agentflan_ray.config import ConfigError, JobConfig
-from agentflan_ray.jobs.generate import InputSpec
+from agentflan_ray.jobs.generate import InputSpec, drop_held_out_material
 from agentflan_ray.llm.settings import LLMConfig, cost, price_per_1k
 from agentflan_ray.negatives import agent_h
 from agentflan_ray.negatives.cases import (
@@ -82,6 +82,10 @@ class NegativesConfig(JobConfig):
     dedupe_threshold: float = 0.8  # Jaccard of word 3-grams above which two queries are near-duplicates
     agent_h_tool_share: float = 0.3  # share of tool lists held out for the Agent-H side
     seed: int = 0
+    # The generate run's eval_holdout and seed: the ToolBench trajectories it kept out of training for
+    # the tool_call / instruct eval suites give no material here either (the pipeline sets both).
+    eval_holdout: float = 0.0
+    eval_holdout_seed: int = 0
     llm: LLMConfig = field(default_factory=LLMConfig)
     max_record_bytes: int = 16 * 1024 * 1024
     task_bytes: int = 32 * 1024 * 1024
@@ -93,6 +97,8 @@ class NegativesConfig(JobConfig):
         for name in ("count", "agent_h_count", "positives"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be 0 or more")
+        if not 0 <= self.eval_holdout < 1:
+            raise ConfigError(f"eval_holdout: must be within [0, 1), got {self.eval_holdout}")
         for name in ("llm_queries", "dedupe_threshold", "agent_h_tool_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name}: must be within [0, 1], got {getattr(self, name)}")
@@ -258,6 +264,7 @@ def run(config: NegativesConfig, log=print, prepared=None) -> dict:
     quarantine = ShardWriter(config.output, config.storage, sample_schema)
     log(f"[negatives] reading material: {len(tasks)} read tasks -> {config.output}")
     material = read_material(config, tasks, catalog_lists, records, quarantine)
+    left_out = drop_held_out_material(material, config.eval_holdout_seed, config.eval_holdout)
     writer = ShardWriter(config.output, config.storage,
                          lambda folder: DROPPED_SCHEMA if folder == DROPPED else sample_schema(folder))
     made = produce(config, material, probe, lambda row: writer.add(STREAM, row), lambda row: writer.add(DROPPED, row),
@@ -267,7 +274,8 @@ def run(config: NegativesConfig, log=print, prepared=None) -> dict:
     records.files = files
     merge_cases(records, made.answers)
     manifest = build_manifest(NAME, config, records, **report(made, config, probe.model),
-                              material=dict(sorted(records.extra["material"].items())),
+                              material={**dict(sorted(records.extra["material"].items())),
+                                        "held_out_for_eval": left_out},
                               seconds=round(time.monotonic() - started, 3))
     finish_output(config.output, config.storage, FOLDERS, manifest)
     counts = made.answers.records.get("cases", Counter())

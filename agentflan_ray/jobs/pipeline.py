@@ -11,7 +11,9 @@ root under ``output``::
     <output>/train        train (data = both roots above; checkpoints/<run_name>-<config digest>/,
                           model/ the exported model, manifest.json): a rerun after a crash resumes
                           from the checkpoints, a changed setting trains anew
-    <output>/eval         eval of train's model on the Agent-H set and the sets listed in eval.sets
+    <output>/eval         eval of train's model on the Agent-H set, the sets listed in eval.sets, and
+                          with generate.eval_holdout the tool_call and instruct suites built from
+                          the ToolBench trajectories generate kept out of training (eval_sets/)
     <output>/pipeline.json    per finished stage: its config hash, the digest of its manifest and of
                               the manifests it read; a rerun skips a stage whose manifest still
                               matches all three (a crash in training does not redo generation;
@@ -117,6 +119,8 @@ def stage_data(config: PipelineConfig, stage: str, base_url: str = "") -> dict:
             data["llm"].update(base_url=base_url, model=SIMULATOR_MODEL)
     if stage == "negatives":
         data.setdefault("inputs", config.generate.get("inputs", []))
+        data.setdefault("eval_holdout", config.generate.get("eval_holdout", 0.0))
+        data.setdefault("eval_holdout_seed", config.generate.get("seed", 0))
     if stage == "train":
         data.setdefault("data", [root(config, s) for s in ("generate", "negatives") if s in config.stages])
         data.update(storage_path=join(root(config, "train"), "checkpoints"), export_dir=join(root(config, "train"), "model"))
@@ -129,7 +133,28 @@ def stage_data(config: PipelineConfig, stage: str, base_url: str = "") -> dict:
             data["llm"] = merged(config.llm, data.get("llm", {}))
         if "negatives" in config.stages:
             data["sets"] = [join(root(config, "negatives"), "agent_h"), *data.get("sets", [])]
+        if uses_held_out_sets(config):
+            data["sets"] = [*data.get("sets", []), held_out_sets(config)]
     return data
+
+
+def uses_held_out_sets(config: PipelineConfig) -> bool:
+    return "generate" in config.stages and bool(config.generate.get("eval_holdout"))
+
+
+def held_out_sets(config: PipelineConfig) -> str:
+    """The tool_call and instruct suites built from the ToolBench trajectories generate kept out."""
+    return join(config.output, "eval_sets", "held_out.jsonl")
+
+
+def write_held_out_sets(config: PipelineConfig, log) -> None:
+    from agentflan_ray.evaluating.build import generate_holdout, write_sets
+
+    holdout = generate_holdout(root(config, "generate"), config.storage)
+    counts = write_sets(holdout["toolbench_inputs"], held_out_sets(config), config.storage, holdout["seed"],
+                        holdout["share"])
+    log(f"[pipeline] eval sets from the {sum(holdout['held_out_for_eval'].values())} held-out trajectories: "
+        + ", ".join(f"{n} {suite} cases" for suite, n in counts.items()))
 
 
 def stage_configs(config: PipelineConfig, base_url: str = "") -> dict:
@@ -178,6 +203,8 @@ def run(config: PipelineConfig, log=print, prepared=None) -> dict:
             write_state(config, state)
             if stage == "train" and config.tiny_model:
                 make_tiny(config, log)
+            if stage == "eval" and uses_held_out_sets(config):
+                write_held_out_sets(config, log)
             run_stage(stage, configs[stage], log)
             state[stage] = {**key, "manifest_sha256": manifest_digest(config, stage)}
             write_state(config, state)
