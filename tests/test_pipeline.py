@@ -65,3 +65,15 @@ def test_a_rerun_skips_finished_stages_and_a_changed_setting_reruns_only_what_it
     (run / "generate/manifest.json").write_text(json.dumps({**generated, "tampered": True}))
     _, redone = run_job("pipeline", str(DEMO), [*overrides, "stages=[generate]"], log=logs.append)
     assert redone["stages"] == {"generate": "ran"}  # a manifest not as recorded is not trusted
+
+
+def test_estimate_adds_up_the_llm_stages_without_calling_anything():
+    from agentflan_ray.cli import run_job
+
+    logs = []
+    _, result = run_job("pipeline", str(DEMO), ["simulator=false", "llm.base_url=http://127.0.0.1:9/v1",
+                                                "llm.model=gpt-4"], log=logs.append, estimate=True)
+    assert set(result) == {"generate", "negatives", "cost_usd"}
+    parts = result["generate"]["projected"]["cost_usd"] + result["negatives"]["cost_usd"]
+    assert result["cost_usd"] == round(parts, 2) > 0
+    assert any("eval: a model directory, no API call" in line for line in logs)

@@ -324,5 +324,31 @@ def summarize(config: PipelineConfig, outcome: dict) -> dict:
     return summary
 
 
+def estimate(config: PipelineConfig, log=print) -> dict:
+    """`--estimate`: what the LLM stages would ask of the API (each stage's own estimate); calls
+    nothing. Eval's sets come from earlier stages, so it is estimated only when they exist already."""
+    configs = stage_configs(config, SIMULATOR_URL if config.simulator else "")
+    result, total = {}, 0.0
+    for stage in ("generate", "negatives", "eval"):
+        if stage not in configs:
+            continue
+        if stage == "eval" and configs[stage].model:
+            log("[pipeline --estimate] eval: a model directory, no API call")
+            continue
+        try:
+            result[stage] = module(stage).estimate(configs[stage], log=log)
+        except FileNotFoundError as exc:
+            log(f"[pipeline --estimate] {stage}: not estimated before the stages it reads have run ({exc})")
+            continue
+        found = result[stage].get("cost_usd")
+        if found is None:
+            found = (result[stage].get("projected") or {}).get("cost_usd", 0.0)
+        total += found or 0.0
+    result["cost_usd"] = round(total, 2)
+    log(f"[pipeline --estimate] LLM calls of the whole pipeline: ${total:,.2f}"
+        + (" (simulator: nothing is paid)" if config.simulator else ""))
+    return result
+
+
 def succeeded(manifest: dict) -> bool:
     return all(outcome in ("ran", "skipped") for outcome in manifest["stages"].values())
