@@ -197,9 +197,7 @@ def run(config: PipelineConfig, log=print, prepared=None) -> dict:
                 outcome[stage] = "skipped"
                 continue
             log(f"[pipeline] {stage}: running -> {root(config, stage)}")
-            state.pop(stage, None)
-            for later in config.stages[config.stages.index(stage) + 1:]:
-                state.pop(later, None)  # their inputs change
+            state.pop(stage, None)  # later stages see its new manifest as a changed input
             write_state(config, state)
             if stage == "train" and config.tiny_model:
                 make_tiny(config, log)
