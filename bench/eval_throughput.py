@@ -3,10 +3,20 @@
     python bench/eval_throughput.py --cases 64 --batch-size 8 --max-new-tokens 32
 
 A tiny Llama-style model (``make_tiny_model`` over the bundled records: 2 layers, hidden 64) and the
-bundled Agent-H set (`jobs/configs/eval_demo_agent_h.jsonl`, repeated to ``--cases``), the real `eval`
-job on a local Ray with one actor, run twice: ``batch_size=1`` and ``--batch-size``. Prints one JSON
-line with cases per second of each (first case to the end of the job, model loading included) and
-their ratio.
+bundled Agent-H set (`jobs/configs/eval_demo_agent_h.jsonl`, repeated to ``--cases``), measured two
+ways, each with ``batch_size=1`` and ``--batch-size``:
+
+    job        the real `eval` job on a local Ray with one actor (one CPU, so one torch thread):
+               first case to the end of the job, the actor's start and model loading included
+    generate   ``HFGenerate`` alone in this process on one thread, the cases in the job's order and
+               batches: the time inside ``__call__`` only; the two modes alternate ``--repeat``
+               times and each keeps its fastest pass (the machine may be shared)
+
+The tiny model's weights are random and (in practice) never emit the end marker, so every case
+generates exactly ``--max-new-tokens`` tokens in both modes; ``ended_early`` counts the cases that
+stopped sooner (0 in every run so far). Prints one JSON line with cases per second of each, their
+ratios, and how many replies the two modes share (greedy: all of them, unless float rounding breaks
+a near tie).
 
 Endpoint backend against the simulator (``--endpoint``):
 
@@ -39,7 +49,9 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=2, help="passes of the generate measure per mode")
     args = parser.parse_args()
+    import pyarrow.parquet as pq
     import ray
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -52,14 +64,14 @@ def main() -> None:
     ray.init(logging_level="ERROR", include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows = [json.loads(line) for line in (REPO / "jobs/configs/eval_demo_agent_h.jsonl").read_text().splitlines()]
+    batches = (1, args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         root = write_tiny_data(Path(tmp) / "tiny")
+        cases = [{**rows[i % len(rows)], "id": f"case-{i}"} for i in range(args.cases)]
         sets = Path(tmp) / "set.jsonl"
-        with open(sets, "w") as f:
-            for i in range(args.cases):
-                f.write(json.dumps({**rows[i % len(rows)], "id": f"case-{i}"}) + "\n")
-        result = {"cases": args.cases, "max_new_tokens": args.max_new_tokens}
-        for batch in (1, args.batch_size):
+        sets.write_text("".join(json.dumps(case) + "\n" for case in cases))
+        result, replies = {"cases": args.cases, "max_new_tokens": args.max_new_tokens}, {}
+        for batch in batches:
             config = load_config(EvalConfig, None, [f"sets=[{sets}]", f"output={tmp}/out-{batch}",
                                                     f"model={root / 'model'}", f"batch_size={batch}",
                                                     f"max_new_tokens={args.max_new_tokens}", "progress=false"])
@@ -67,10 +79,46 @@ def main() -> None:
             manifest = run_eval(config, log=lambda *_: None)
             seconds = time.monotonic() - started
             assert manifest["counts"]["written"] == args.cases
+            written = pq.read_table(f"{tmp}/out-{batch}/cases", columns=["id", "reply", "finish_reason"]).to_pylist()
+            replies[batch] = {row["id"]: row["reply"] for row in written}
             result[f"batch_{batch}_cases_per_s"] = round(args.cases / seconds, 2)
-        result["speedup"] = round(result[f"batch_{args.batch_size}_cases_per_s"] / result["batch_1_cases_per_s"], 2)
-    ray.shutdown()
+            result[f"ended_early_batch_{batch}"] = sum(row["finish_reason"] == "stop" for row in written)
+        ray.shutdown()
+        result["speedup"] = ratio(result, "batch_{}_cases_per_s", batches)
+        result["same_replies"] = sum(replies[1][key] == replies[args.batch_size][key] for key in replies[1])
+        for batch, seconds in generate_seconds(root / "model", cases, batches, args.max_new_tokens, args.repeat).items():
+            result[f"generate_batch_{batch}_cases_per_s"] = round(args.cases / seconds, 2)
+        result["generate_speedup"] = ratio(result, "generate_batch_{}_cases_per_s", batches)
     print(json.dumps(result), flush=True)
+
+
+def generate_seconds(model: Path, cases: list[dict], batches: tuple, max_new_tokens: int,
+                     repeat: int) -> dict[int, float]:
+    """Seconds inside ``HFGenerate.__call__`` for the cases, in the job's order, per batch size: the
+    fastest of ``repeat`` passes, the batch sizes taking turns."""
+    import pyarrow as pa
+    import torch
+
+    from agentflan_ray.evaluating.backends import CASE_ROW_SCHEMA, HFGenerate, batch_order
+    from agentflan_ray.jobs.eval import case_rows
+    from agentflan_ray.storage import StorageConfig
+
+    torch.set_num_threads(1)  # as in the job's actor (num_cpus=1)
+    generate = HFGenerate(str(model), StorageConfig(), max_new_tokens)
+    rows = sorted(case_rows(cases), key=batch_order)
+    seconds = {batch: float("inf") for batch in batches}
+    for _ in range(repeat):
+        for batch in batches:
+            tables = [pa.Table.from_pylist(rows[i:i + batch], schema=CASE_ROW_SCHEMA) for i in range(0, len(rows), batch)]
+            started = time.perf_counter()
+            for table in tables:
+                generate(table)
+            seconds[batch] = min(seconds[batch], time.perf_counter() - started)
+    return seconds
+
+
+def ratio(result: dict, key: str, batches: tuple) -> float:
+    return round(result[key.format(batches[1])] / result[key.format(batches[0])], 2)
 
 
 def endpoint_main(argv: list[str]) -> None:

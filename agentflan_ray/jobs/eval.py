@@ -247,16 +247,17 @@ def ask_endpoint(config: EvalConfig, cases: list[dict], probe, log) -> tuple[dic
 
 
 def generate_hf(config: EvalConfig, cases: list[dict], log) -> tuple[dict, dict]:
-    from agentflan_ray.evaluating.backends import CASE_ROW_SCHEMA, HFGenerate
+    from agentflan_ray.evaluating.backends import CASE_ROW_SCHEMA, HFGenerate, batch_order
 
     log(f"[eval] generating with {config.model} ({config.actors} actor(s), batches of {config.batch_size})")
     replies = {}
     if cases:
-        blocks = max(1, min(len(cases) // config.batch_size + 1, 64))
-        # Cases of about the same length batched together: a left-padded batch costs as much as its
-        # longest prompt (and a dense mask of that size) for every row.
-        by_length = sorted(case_rows(cases), key=lambda row: len(row["messages"]))
-        dataset = ray.data.from_arrow(pa.Table.from_pylist(by_length, schema=CASE_ROW_SCHEMA)).repartition(blocks)
+        # Cases with the same system prompt (and tools) side by side, shorter first: a batch runs a
+        # shared prefix once, and its rows are about as long. Blocks of whole batches (at most 64
+        # blocks): a block of 7 rows would make batches of 8 and 6 from two of them.
+        ordered = pa.Table.from_pylist(sorted(case_rows(cases), key=batch_order), schema=CASE_ROW_SCHEMA)
+        rows = config.batch_size * -(-len(cases) // (config.batch_size * 64))
+        dataset = ray.data.from_arrow([ordered.slice(start, rows) for start in range(0, len(cases), rows)])
         results = dataset.map_batches(
             HFGenerate, fn_constructor_kwargs={"model": config.model, "storage": config.storage,
                                                "max_new_tokens": config.max_new_tokens},
