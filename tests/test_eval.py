@@ -203,6 +203,11 @@ def test_a_missing_model_or_set_is_a_clear_error(tmp_path, capsys):
     sets = write_set(tmp_path / "set.jsonl", [case(0, "react", PROSE)])
     assert main(["eval", f"sets=[{sets}]", f"model={tmp_path / 'nope'}", f"output={tmp_path / 'o'}"]) == 2
     assert "not a Hugging Face model directory" in capsys.readouterr().err
+    half_copied = tmp_path / "half"
+    half_copied.mkdir()
+    (half_copied / "config.json").write_text("{}")
+    assert main(["eval", f"sets=[{sets}]", f"model={half_copied}", f"output={tmp_path / 'o'}"]) == 2
+    assert "has a config.json but no weights" in capsys.readouterr().err
     assert main(["eval", f"sets=[{tmp_path / 'none.jsonl'}]", f"model={tmp_path}", f"output={tmp_path / 'o'}"]) == 2
     assert "not found" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="either model="):

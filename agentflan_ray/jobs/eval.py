@@ -118,6 +118,10 @@ def preflight(config: EvalConfig):
 
         if fs.get_file_info(posixpath.join(base, "config.json")).type != pafs.FileType.File:
             raise FileNotFoundError(f"model: {config.model} is not a Hugging Face model directory (no config.json)")
+        names = [info.base_name for info in fs.get_file_info(pafs.FileSelector(base))]
+        if not any(n.endswith(".safetensors") or (n.startswith("pytorch_model") and n.endswith(".bin")) for n in names):
+            raise FileNotFoundError(f"model: {config.model} has a config.json but no weights (*.safetensors or "
+                                    "pytorch_model*.bin): a half-copied export?")
         return None
     from agentflan_ray.llm.client import LLMClient
 
