@@ -244,17 +244,20 @@ def test_pipeline_submitted_with_s3_output_resumes_after_its_driver_is_killed(cl
     assert summary["negatives_samples"]["negative"] > 0 and "tool_call/general" in summary["correct_by_group"]
     assert s3.head_object(Bucket=s3_bucket, Key="pipe/train/model/config.json")
     assert KEY not in result.stdout + result.stderr
-    assert node_ips_of(cluster, ("run_read_task", "material_task", "LLMStage")) == {"127.0.0.2"}
+    submissions = [job_id, re.search(r"raysubmit_[A-Za-z0-9]+", result.stdout).group(0)]
+    assert node_ips_of(cluster, submissions, ("run_read_task", "material_task", "LLMStage")) == {"127.0.0.2"}
 
 
-def node_ips_of(cluster, names: tuple[str, ...]) -> set[str]:
-    """The nodes on which the tasks and actor tasks of the test's cluster whose names hold one of
-    ``names`` ran (from Ray's state API)."""
-    script = ("import json, ray; from ray.util.state import list_nodes, list_tasks; "
-              f"ray.init(address={cluster['address']!r}, logging_level='ERROR'); "
-              "ips = {n.node_id: n.node_ip for n in list_nodes()}; "
-              "print(json.dumps(sorted({(t.name, ips.get(t.node_id)) for t in list_tasks(limit=10000) "
-              f"if t.node_id and any(k in t.name for k in {list(names)!r})}})))")
+def node_ips_of(cluster, submissions: list[str], names: tuple[str, ...]) -> set[str]:
+    """The nodes on which the tasks and actor tasks of these job submissions whose names hold one of
+    ``names`` ran (from Ray's state API; the other tests' jobs ran on this cluster too)."""
+    # The state API is told the address: the other tests' Ray runs on this machine too.
+    script = ("import json; from ray.util.state import list_jobs, list_nodes, list_tasks; "
+              f"a = {cluster['address']!r}; "
+              f"jobs = {{j.job_id for j in list_jobs(address=a) if j.submission_id in {submissions!r}}}; "
+              "ips = {n.node_id: n.node_ip for n in list_nodes(address=a)}; "
+              "print(json.dumps(sorted({(t.name, ips.get(t.node_id)) for t in list_tasks(address=a, limit=10000) "
+              f"if t.node_id and t.job_id in jobs and any(k in t.name for k in {list(names)!r})}})))")
     result = subprocess.run([sys.executable, "-c", script], env=cluster["env"], capture_output=True, text=True,
                             timeout=120)
     placed = json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else []

@@ -1,3 +1,4 @@
+import glob
 import importlib
 from pathlib import Path
 
@@ -16,7 +17,7 @@ MINIMAL = ['inputs=[{format: sharegpt, path: "x.json"}]']
 
 # Every shipped config and the job that reads it; a new file must be added here.
 JOB_OF = {"demo.yaml": "generate", "chat_demo.yaml": "chat", "train_demo.yaml": "train", "negatives_demo.yaml": "negatives",
-          "eval_demo.yaml": "eval"}
+          "eval_demo.yaml": "eval", "pipeline.yaml": "pipeline", "pipeline_demo.yaml": "pipeline"}
 
 
 def test_every_shipped_config_is_mapped_to_its_job():
@@ -33,6 +34,10 @@ def test_every_shipped_config_loads(path):
         assert config.inputs and all(spec.source for spec in config.inputs)
     elif isinstance(config, TrainConfig):
         assert config.data and config.model
+    elif hasattr(config, "stages"):  # pipeline: every stage's section builds (validate), and its inputs exist
+        data = config.generate["inputs"]
+        assert data and all(spec["path"].startswith("s3://") or glob.glob(str(REPO / spec["path"]), recursive=True)
+                            for spec in data)
     elif hasattr(config, "sets"):  # eval
         assert all((REPO / path).exists() for path in config.sets)
     elif hasattr(config, "tool_catalogs"):  # negatives

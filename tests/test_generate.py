@@ -103,7 +103,7 @@ def test_eval_holdout_leaves_out_negative_material_and_is_checked():
                 + [{"source": "agentinstruct", "id": f"os/{i}"} for i in range(50)],
                 "tool_list": [{"source": "teval", "id": "weather"}]}
     config = load_config(GenerateConfig, None, ["inputs=[{format: toolbench, path: x}]", "seed=2", "eval_holdout=0.3"])
-    dropped = drop_held_out_material(material, config)
+    dropped = drop_held_out_material(material, config.seed, config.eval_holdout)
     assert 30 < dropped < 100 and len(material["tool_query"]) == 250 - dropped
     assert not any(held_out(2, m["id"], 0.3) for m in material["tool_query"] if m["source"] == "toolbench")
     assert len(material["tool_list"]) == 1 and sum(m["source"] == "agentinstruct" for m in material["tool_query"]) == 50

@@ -147,7 +147,7 @@ def test_generate_puts_the_negative_stream_into_the_mix(ray_session, simulator, 
 
     from agentflan_ray.jobs.generate import GenerateConfig
     from agentflan_ray.jobs.generate import run as generate
-    from agentflan_ray.training.data import sample_shards
+    from agentflan_ray.writing.manifest import sample_shards
 
     _, url = simulator(latency_s=0.01, corrupt=0.2)
     out = tmp_path / "out"
