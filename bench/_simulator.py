@@ -34,3 +34,17 @@ def start_simulator(*flags: str, port_base: int) -> tuple[subprocess.Popen, str]
         except OSError:
             time.sleep(0.1)
     return server, base_url
+
+
+def rate_bound(rpm: int, actors: int, concurrency: int, latency: float) -> float:
+    """Answers per second a run can reach: the RPM limit, or what the actors keep in flight."""
+    return min(rpm / 60, actors * concurrency / latency)
+
+
+def rate_figures(sim: dict, bound: float) -> dict:
+    """From the simulator's /stats: answers per second over the answering window, against ``bound``,
+    and the share of requests it answered 429."""
+    times = sim["answer_times"] or [0.0]
+    per_s = len(times) / max(times[-1] - times[0], 1e-9)
+    return {"answers_per_s": round(per_s, 1), "bound_per_s": round(bound, 1), "of_bound": round(per_s / bound, 3),
+            "share_429": round(sim["status"].get("429", 0) / max(sum(sim["status"].values()), 1), 4)}

@@ -132,7 +132,7 @@ def endpoint_main(argv: list[str]) -> None:
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     sys.path.insert(0, str(REPO / "bench"))
-    from _simulator import reset_stats, start_simulator, stats
+    from _simulator import rate_bound, rate_figures, reset_stats, start_simulator, stats
 
     server, base_url = start_simulator("--latency", str(args.latency), "--rpm", str(args.rpm), port_base=19400)
     try:
@@ -160,16 +160,12 @@ def endpoint_main(argv: list[str]) -> None:
     finally:
         server.terminate()
     counts = manifest["counts"]
-    times = sim["answer_times"] or [0.0]
-    seconds = max(times[-1] - times[0], 1e-9)
-    bound = min(args.rpm / 60, args.actors * args.concurrency / args.latency)
+    bound = rate_bound(args.rpm, args.actors, args.concurrency, args.latency)
     print(json.dumps({
         "cases": args.cases, "written": counts.get("written", 0), "dead_lettered": counts.get("dead_lettered", 0),
         "lost": args.cases - counts.get("written", 0) - counts.get("dead_lettered", 0),
         "native_tools": config.native_tools, "asked_natively": manifest["native_tools"]["asked"],
-        "answers_per_s": round(len(times) / seconds, 1), "bound_per_s": round(bound, 1),
-        "of_bound": round(len(times) / seconds / bound, 3),
-        "share_429": round(sim["status"].get("429", 0) / max(sum(sim["status"].values()), 1), 4),
+        **rate_figures(sim, bound),
         "wall_s": round(wall, 1), "wall_over_bound_s": round(wall - args.cases / bound, 1),
     }), flush=True)
 

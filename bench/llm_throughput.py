@@ -15,23 +15,14 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 
-
-def stats(base_url: str, reset: bool = False) -> dict:
-    root = base_url.removesuffix("/v1")
-    if reset:
-        urllib.request.urlopen(urllib.request.Request(root + "/stats/reset", method="POST"), timeout=10).read()
-        return {}
-    with urllib.request.urlopen(root + "/stats?times=1", timeout=30) as response:
-        return json.loads(response.read())
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _simulator import reset_stats, start_simulator, stats  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -111,29 +102,19 @@ def main() -> None:
     server = None
     base_url = args.base_url
     if not base_url:
-        port = 18000 + os.getpid() % 1000
-        server = subprocess.Popen([sys.executable, "-m", "agentflan_ray.cli", "serve-sim", "--port", str(port),
-                                   "--latency", str(args.latency), "--rpm", str(args.rpm)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        base_url = f"http://127.0.0.1:{port}/v1"
-        for _ in range(100):
-            try:
-                stats(base_url)
-                break
-            except OSError:
-                time.sleep(0.1)
+        server, base_url = start_simulator("--latency", str(args.latency), "--rpm", str(args.rpm), port_base=18000)
     try:
         import ray
 
         ray.init(logging_level="ERROR", include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         with tempfile.TemporaryDirectory() as tmp:
-            stats(base_url, reset=True)
+            reset_stats(base_url)
             before = cpu_seconds()
             ok, failed = ray_client(base_url, args, Path(tmp))
             print(json.dumps(summary("agentflan-ray", stats(base_url), ok, failed, args, cpu_seconds() - before)), flush=True)
         ray.shutdown()
-        stats(base_url, reset=True)
+        reset_stats(base_url)
         before = cpu_seconds()
         ok, failed = asyncio.run(plain_client(base_url, args.requests, args.concurrency * args.actors))
         print(json.dumps(summary("plain AsyncOpenAI+semaphore", stats(base_url), ok, failed, args, cpu_seconds() - before)))

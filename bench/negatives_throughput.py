@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
 sys.path.insert(0, str(REPO / "bench"))
-from _simulator import start_simulator, stats  # noqa: E402
+from _simulator import rate_bound, rate_figures, start_simulator, stats  # noqa: E402
 
 
 def main() -> None:
@@ -68,14 +68,11 @@ def main() -> None:
     finally:
         server.terminate()
     times = sim["answer_times"] or [0.0]
-    seconds = max(times[-1] - times[0], 1e-9)
-    bound = min(args.rpm / 60, args.actors * args.concurrency / args.latency)
+    bound = rate_bound(args.rpm, args.actors, args.concurrency, args.latency)
     cases = manifest["counts"]["per_source"]["cases"]
     print(json.dumps({
         "count": args.count, "agent_h": args.agent_h, "requests": manifest["llm"]["requests"],
-        "answers_per_s": round(len(times) / seconds, 1), "bound_per_s": round(bound, 1),
-        "of_bound": round(len(times) / seconds / bound, 3),
-        "share_429": round(sim["status"].get("429", 0) / max(sum(sim["status"].values()), 1), 4),
+        **rate_figures(sim, bound),
         "written": cases["written"], "dropped": cases["quarantined"], "dead_lettered": cases["dead_lettered"],
         "lost": cases["read"] - cases["written"] - cases["quarantined"] - cases["dead_lettered"],
         "short": manifest["cases"].get("short", 0), "deduplication": manifest["cases"]["deduplication"],

@@ -32,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from _simulator import start_simulator, stats  # noqa: E402
+from _simulator import rate_bound, rate_figures, start_simulator, stats  # noqa: E402
 from template_throughput import make_input  # noqa: E402
 
 NAIVE_INSTRUCTION = ("Rewrite the following agent trajectory so that every assistant turn reads as natural "
@@ -94,10 +94,7 @@ def main() -> None:
     finally:
         server.terminate()
     rewrite = manifest["rewrite"]
-    times = sim["answer_times"] or [0.0]
-    answered = len(times)
-    seconds = max(times[-1] - times[0], 1e-9)
-    bound = min(args.rpm / 60, args.actors * args.concurrency / args.latency)
+    bound = rate_bound(args.rpm, args.actors, args.concurrency, args.latency)
     trajectories = rewrite["asked"]
     tokens = (rewrite["prompt_tokens"] + rewrite["completion_tokens"]) / max(trajectories, 1)
     naive = sum(naive_tokens(row["messages"]) for row in samples) / max(len(samples), 1)
@@ -106,9 +103,7 @@ def main() -> None:
         "rewritten": rewrite["rewritten"], "partly_rewritten": rewrite["partly_rewritten"],
         "template": rewrite["template"],
         "lost": trajectories - rewrite["rewritten"] - rewrite["partly_rewritten"] - rewrite["template"],
-        "answers_per_s": round(answered / seconds, 1), "bound_per_s": round(bound, 1),
-        "of_bound": round(answered / seconds / bound, 3),
-        "share_429": round(sim["status"].get("429", 0) / max(sum(sim["status"].values()), 1), 4),
+        **rate_figures(sim, bound),
         "wall_s": round(wall, 1), "wall_over_bound_s": round(wall - rewrite["requests"] / bound, 1),
         "tokens_per_trajectory": round(tokens, 1), "naive_tokens_per_trajectory": round(naive, 1),
         "of_naive": round(tokens / naive, 3),
