@@ -187,6 +187,8 @@ def config_to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def config_hash(config) -> str:
-    text = json.dumps(config_to_dict(config), sort_keys=True, default=str)
+def config_hash(config, leave_out: tuple[str, ...] = ()) -> str:
+    """A digest of the resolved config, less the top-level keys in ``leave_out``."""
+    resolved = {k: v for k, v in config_to_dict(config).items() if k not in leave_out}
+    text = json.dumps(resolved, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

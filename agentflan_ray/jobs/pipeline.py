@@ -36,10 +36,11 @@ import json
 import os
 import posixpath
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
-from agentflan_ray.config import ConfigError, JobConfig, build
+from agentflan_ray.config import ConfigError, JobConfig, build, config_hash
 from agentflan_ray.storage import filesystem, is_s3, join
 from agentflan_ray.writing.accounting import Tally
 from agentflan_ray.writing.manifest import (
@@ -47,6 +48,7 @@ from agentflan_ray.writing.manifest import (
     build_manifest,
     finish_output,
     read_manifest,
+    sample_files,
     start_output,
 )
 
@@ -173,8 +175,7 @@ def stage_configs(config: PipelineConfig, base_url: str = "") -> dict:
 
 def digest(stage_config, leave_out: tuple[str, ...] = ()) -> str:
     """What a stage makes depends on: its resolved config, less how it is watched."""
-    resolved = {k: v for k, v in asdict(stage_config).items() if k not in (*UNHASHED, *leave_out)}
-    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return config_hash(stage_config, (*UNHASHED, *leave_out))
 
 
 def preflight(config: PipelineConfig) -> None:
@@ -297,11 +298,10 @@ def summarize(config: PipelineConfig, outcome: dict) -> dict:
     for stage in config.stages:
         manifest = read_manifest(root(config, stage), config.storage, stage)
         if stage in ("generate", "negatives"):
-            streams = {}
-            for entry in manifest["files"]:
-                folder = entry["path"].split("/", 1)[0]
-                if folder not in ("quarantine", "dropped", "agent_h"):
-                    streams[folder] = streams.get(folder, 0) + entry["rows"]
+            streams = Counter()
+            with contextlib.suppress(FileNotFoundError):  # every record quarantined: no sample shard
+                for stream, _, rows in sample_files(root(config, stage), config.storage):
+                    streams[stream] += rows
             summary[f"{stage}_samples"] = dict(sorted(streams.items()))
             summary[f"{stage}_quarantined"] = manifest["counts"]["quarantined"]
         if stage == "train":
