@@ -339,6 +339,11 @@ def test_estimate_builds_the_real_prompts_and_calls_nothing(ray_session, simulat
     assert server.stats()["answered"] == 0 and not (tmp_path / "out").exists()
 
     projected = estimate(load_config(GenerateConfig, None, [*overrides, "estimate_records=1000"]), log=lambda *_: None)
+    # Trajectories held out for the eval suites are never rewritten: not in the estimate either.
+    held = estimate(load_config(GenerateConfig, None, [*overrides, "estimate_records=1000", "eval_holdout=0.5"]),
+                    log=lambda *_: None)
+    assert held["projected"]["records"] == projected["projected"]["records"]
+    assert 0 < held["projected"]["requests"] < projected["projected"]["requests"]
     monkeypatch.setenv("OPENAI_API_KEY", SIM_KEY)
     manifest = run_generate(overrides)
     rewrite = manifest["rewrite"]

@@ -18,7 +18,7 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from agentflan_ray.aligning.align import align
+from agentflan_ray.aligning.align import align, held_out_for_eval
 from agentflan_ray.aligning.prompts import PROMPT_VERSION, Prose, build_messages
 from agentflan_ray.aligning.rewrite import context_of, render
 from agentflan_ray.llm.client import resolve_endpoint
@@ -86,6 +86,8 @@ def rewrite_requests(raw, piece: FileRange, config, notes: Counter, rewritable) 
         return []
     try:
         trajectory = parse_record(piece.format, raw.value, piece.source, record_id(raw.value, raw.where), notes)
+        if held_out_for_eval(trajectory, config):  # kept for the eval suites: never rewritten
+            return []
         samples = align(trajectory, config)
     except (RecordError, RecursionError):
         return []
