@@ -84,6 +84,9 @@ def test_an_exported_model_gets_a_complete_report_with_one_at_a_time_replies(ray
     counts = manifest["counts"]
     assert (counts["read"], counts["written"], counts["quarantined"]) == (len(cases) + 2, len(cases), 2)
     assert succeeded(manifest) and (out / "manifest.json").exists()
+    timing = manifest["llm"]
+    assert 0 < timing["first_replies_s"] <= timing["generation_s"] <= manifest["seconds"]
+    assert timing["cases_per_s_after_first"] > 0
     quarantined = pq.read_table(out / "quarantine").to_pylist()
     assert sorted(row["reason"] for row in quarantined) == ["missing_key", "not_json"]
 
@@ -170,3 +173,26 @@ def test_rows_that_share_a_long_prefix_are_grouped_and_the_rest_run_together():
     # Each row keeps a token of its own: identical prompts share all but their last.
     assert prefix_groups([tools, tools]) == [([0, 1], 39)]
     assert prefix_groups([[5]]) == [([0], 0)]
+
+
+def test_a_model_on_s3_is_copied_to_the_node_and_its_copy_removed_once_loaded(tiny, s3_server, s3_bucket, tmp_path,
+                                                                              monkeypatch):
+    """A 1B model is gigabytes: a copy per actor left in /tmp would fill a node's disk job by job."""
+    import tempfile
+
+    import boto3
+
+    from agentflan_ray.evaluating.backends import local_model
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    for path in (tiny / "model").iterdir():
+        s3.upload_file(str(path), s3_bucket, f"models/tiny/{path.name}")
+    uri = f"s3://{s3_bucket}/models/tiny"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own temporary directory
+    with local_model(uri, StorageConfig()) as path:
+        assert Path(path).parent == tmp_path and (Path(path) / "config.json").exists()
+    assert not list(tmp_path.iterdir())
+    generate = HFGenerate(uri, StorageConfig(), 4)
+    assert generate.model.config.hidden_size == 64 and not list(tmp_path.iterdir())
+    with local_model(str(tiny / "model"), StorageConfig()) as path:
+        assert path == str(tiny / "model")

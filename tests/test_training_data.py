@@ -251,6 +251,22 @@ def test_flops_per_token_counts_the_model_parameters():
     assert peak_flops("NVIDIA L40S") == 362e12 and peak_flops("cpu") == 0.0
 
 
+def test_tensorboard_events_reach_storage_and_leave_no_local_copy(tmp_path, monkeypatch):
+    import tempfile
+
+    import pyarrow.fs
+
+    from agentflan_ray.training.metrics import TensorBoard
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "local"))
+    (tmp_path / "local").mkdir()
+    board = TensorBoard(str(tmp_path / "run" / "tensorboard"), pyarrow.fs.LocalFileSystem())
+    board.scalars({"loss": 1.5, "step_name": "x", "done": True}, step=1)
+    board.close()
+    assert [p.name.startswith("events.out.tfevents.") for p in (tmp_path / "run" / "tensorboard").iterdir()] == [True]
+    assert not list((tmp_path / "local").iterdir())
+
+
 def test_local_paths_become_absolute_and_a_missing_model_fails_early(tmp_path, monkeypatch):
     """Ray Train workers do not share the driver's working directory; a wrong model path fails
     before any worker starts (not once per worker and retry)."""

@@ -15,6 +15,7 @@ Both return rows ``{id, reply, finish_reason, error}``; the endpoint's also ``to
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -73,18 +74,21 @@ def native_schemas(tools: list[dict]) -> tuple[list[dict], dict[str, str]]:
     return schemas, names
 
 
-def local_model(model: str, storage) -> str:
-    """A model directory on this node: as given, or copied from ``s3://`` once per process."""
+@contextlib.contextmanager
+def local_model(model: str, storage):
+    """A model directory on this node while the block runs: as given, or a copy of an ``s3://`` one
+    in a temporary directory, removed after it (once loaded, the model no longer needs its files)."""
     if not model.startswith("s3://"):
-        return model
+        yield model
+        return
     import pyarrow.fs as pafs
 
     from agentflan_ray.storage import filesystem
 
     fs, base = filesystem(model, storage)
-    target = tempfile.mkdtemp(prefix="afr-model-")
-    pafs.copy_files(base, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return target
+    with tempfile.TemporaryDirectory(prefix="afr-model-") as target:
+        pafs.copy_files(base, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield target
 
 
 class HFGenerate:
@@ -98,8 +102,9 @@ class HFGenerate:
         P P P P P P | u u . .      copied to every row; then the rows' own tokens, right-padded
         P P P P P P | u u u u      decode: one token per row per step, pads masked out
 
-    The rows of a batch that share no prefix worth it (``prefix_groups``) run together the same way
-    with no prefix. Pads only ever follow a row's tokens, so the prefill needs causal attention alone:
+    The rows of a batch that share no prefix worth it (``prefix_groups``) are prefilled together the
+    same way with no prefix; then all the batch's rows decode together, each group's cache padded on
+    the right to the longest. Pads only ever follow a row's tokens, so the prefill needs causal attention alone:
     no dense padded mask, and the attention kernel skips the upper triangle (left padding made a
     batch of eight long prompts 3.5x slower to prefill than the eight one by one, on CPU). A row
     that emits an end marker (the tokenizer's or any of the generation config's) leaves the batch.
@@ -110,11 +115,11 @@ class HFGenerate:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        path = local_model(model, storage)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        with local_model(model, storage) as path:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         self.max_new_tokens = max_new_tokens
         self.eos = end_markers(self.tokenizer, self.model.generation_config)
         pad = self.tokenizer.pad_token_id
@@ -143,22 +148,19 @@ class HFGenerate:
         return pa.Table.from_pylist(replies, schema=REPLY_SCHEMA)
 
     def generate(self, prompts: list[list[int]]) -> list[tuple[list[int], bool]]:
-        """Each prompt's greedy continuation up to its end marker (excluded), and whether it ended."""
-        outputs: list = [None] * len(prompts)
-        for rows, shared in prefix_groups(prompts):
-            for row, output in zip(rows, self.generate_group([prompts[row] for row in rows], shared), strict=True):
-                outputs[row] = output
-        return outputs
-
-    def generate_group(self, prompts: list[list[int]], shared: int) -> list[tuple[list[int], bool]]:
-        """``generate`` for prompts whose first ``shared`` tokens are the same (0: none run apart).
+        """Each prompt's greedy continuation up to its end marker (excluded), and whether it ended.
+        Each prefix group (``prefix_groups``) is prefilled apart, then all rows decode as one batch
+        (their caches right-padded to one length), so a group costs no extra forward per token.
         A row that ends leaves the batch, so the rest do not pay for it."""
         import torch
 
-        logits, cache, mask = self.prefill(prompts, shared)
-        lengths = torch.tensor([len(prompt) for prompt in prompts], device=self.device)
-        alive = list(range(len(prompts)))  # the rows still generating
-        tokens, ended = [[] for _ in prompts], [False] * len(prompts)
+        groups = prefix_groups(prompts)
+        order = [row for rows, _ in groups for row in rows]  # the rows as the decode batch holds them
+        logits, cache, mask = merge_prefills([self.prefill([prompts[row] for row in rows], shared)
+                                              for rows, shared in groups])
+        lengths = torch.tensor([len(prompts[row]) for row in order], device=self.device)
+        alive = list(range(len(order)))  # the decode batch's rows still generating
+        tokens, ended = [[] for _ in order], [False] * len(order)
         for step in range(self.max_new_tokens):
             chosen = logits.argmax(-1)
             for row, token in zip(alive, chosen.tolist(), strict=True):
@@ -177,7 +179,10 @@ class HFGenerate:
             logits, cache = self.forward(chosen[:, None], cache, attention_mask=mask,
                                          position_ids=(lengths + step)[:, None])
             logits = logits[:, -1]
-        return list(zip(tokens, ended, strict=True))
+        outputs: list = [None] * len(prompts)
+        for position, row in enumerate(order):
+            outputs[row] = (tokens[position], ended[position])
+        return outputs
 
     def prefill(self, prompts: list[list[int]], shared: int):
         """The logits for each row's first generated token, the cache, and the attention mask (1 on a
@@ -222,8 +227,7 @@ def prefix_groups(prompts: list[list[int]]) -> list[tuple[list[int], int]]:
     """The rows of a batch as ``(rows, shared)`` groups: rows whose prompts share a prefix worth
     running once (``SHARED_AT_LEAST`` times longer than the longest row's own part), and last the
     rest together with ``shared`` 0. Each row keeps at least one token of its own, whose logits give
-    its first generated token. (A group decodes apart from the rest of its batch, one more forward
-    per generated token; on the bundled Agent-H set that costs less than the prefill it saves.)"""
+    its first generated token. (Groups are prefilled apart and decode together.)"""
     order = sorted(range(len(prompts)), key=lambda row: prompts[row])  # shared prefixes side by side
     groups, alone, run, shared = [], [], [], 0
 
@@ -249,6 +253,45 @@ def prefix_groups(prompts: list[list[int]]) -> list[tuple[list[int], int]]:
     if alone:
         groups.append((sorted(alone), 0))
     return groups
+
+
+def merge_prefills(prefills: list[tuple]) -> tuple:
+    """One ``(logits, cache, mask)`` for the rows of several prefills: each cache's keys and values
+    right-padded with zeros to the longest (masked out, as a row's own pads are) and stacked along
+    the batch, in the order given."""
+    import torch
+    import torch.nn.functional as F
+
+    if len(prefills) == 1:
+        return prefills[0]
+    width = max(mask.shape[1] for _, _, mask in prefills)
+    merged = []
+    for layer in zip(*(cache_tensors(cache) for _, cache, _ in prefills), strict=True):  # its [keys, values] per prefill
+        merged.append([torch.cat([F.pad(tensor, (0, 0, 0, width - tensor.shape[-2])) for tensor in kind])
+                       for kind in zip(*layer, strict=True)])
+    cache = prefills[0][1]
+    set_cache_tensors(cache, merged)
+    logits = torch.cat([logits for logits, _, _ in prefills])
+    mask = torch.cat([F.pad(mask, (0, width - mask.shape[1])) for _, _, mask in prefills])
+    return logits, cache, mask
+
+
+def cache_tensors(cache) -> list[list]:
+    """``[keys, values]`` of each layer of a ``DynamicCache`` (shaped batch, heads, positions, dim)."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [[layer.keys, layer.values] for layer in cache.layers]
+    return [[keys, values] for keys, values in zip(cache.key_cache, cache.value_cache, strict=True)]
+
+
+def set_cache_tensors(cache, tensors: list[list]) -> None:
+    if hasattr(cache, "layers"):
+        for layer, (keys, values) in zip(cache.layers, tensors, strict=True):
+            layer.keys, layer.values = keys, values
+    else:
+        cache.key_cache[:] = [keys for keys, _ in tensors]
+        cache.value_cache[:] = [values for _, values in tensors]
+        if hasattr(cache, "_seen_tokens"):
+            cache._seen_tokens = tensors[0][0].shape[-2]
 
 
 def end_markers(tokenizer, generation_config) -> set[int]:

@@ -254,7 +254,7 @@ def generate_hf(config: EvalConfig, cases: list[dict], log) -> tuple[dict, dict]
     from agentflan_ray.evaluating.backends import CASE_ROW_SCHEMA, HFGenerate, batch_order
 
     log(f"[eval] generating with {config.model} ({config.actors} actor(s), batches of {config.batch_size})")
-    replies = {}
+    replies, timing = {}, {}
     if cases:
         # Cases with the same system prompt (and tools) side by side, shorter first: a batch runs a
         # shared prefix once, and its rows are about as long. Blocks of whole batches (at most 64
@@ -269,12 +269,24 @@ def generate_hf(config: EvalConfig, cases: list[dict], log) -> tuple[dict, dict]
             num_gpus=config.num_gpus or None, num_cpus=1)
         progress = Progress(NAME, len(cases), "cases", log, config.progress)
         tally = Tally()
+        started, first = time.monotonic(), None  # when the first replies came, and how many
         for table in results.iter_batches(batch_format="pyarrow", batch_size=None):
+            first = first or (time.monotonic(), table.num_rows)
             for row in table.to_pylist():
                 replies[row["id"]] = row
                 tally.read(SOURCE)
             progress.update(tally, table.num_rows)
-    return replies, {"model": config.model, "requests": 0}
+        timing = generation_timing(started, *first, time.monotonic(), len(cases))
+    return replies, {"model": config.model, "requests": 0, **timing}
+
+
+def generation_timing(started: float, first: float, first_rows: int, done: float, cases: int) -> dict:
+    """How long generating took; how long until the first replies reached the driver (starting the
+    actors, loading the model, one block); and the rate from those to the last, which the start
+    does not dilute (the backend's steady rate)."""
+    after = done - first
+    return {"generation_s": round(done - started, 3), "first_replies_s": round(first - started, 3),
+            "cases_per_s_after_first": round((cases - first_rows) / after, 2) if after > 0 else None}
 
 
 def estimate(config: EvalConfig, log=print) -> dict:

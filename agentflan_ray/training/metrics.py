@@ -47,7 +47,8 @@ class TensorBoard:
     def __init__(self, destination: str, filesystem):
         from tensorboardX import SummaryWriter
 
-        self.local = tempfile.mkdtemp(prefix="agentflan-tb-")
+        self.directory = tempfile.TemporaryDirectory(prefix="agentflan-tb-")  # removed on close (or at exit)
+        self.local = self.directory.name
         self.destination, self.filesystem = destination, filesystem
         self.writer = SummaryWriter(self.local, flush_secs=30)
 
@@ -69,3 +70,4 @@ class TensorBoard:
     def close(self) -> None:
         self.sync()
         self.writer.close()
+        self.directory.cleanup()
