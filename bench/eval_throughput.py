@@ -2,12 +2,21 @@
 
     python bench/eval_throughput.py --cases 64 --batch-size 8 --max-new-tokens 32
 
-A tiny Llama-style model (``make_tiny_model`` over the bundled records: 2 layers, hidden 64) and the
-bundled Agent-H set (`jobs/configs/eval_demo_agent_h.jsonl`, repeated to ``--cases``), measured two
-ways, each with ``batch_size=1`` and ``--batch-size``:
+A tiny Llama-style model (2 layers, hidden 64, random weights) and the bundled Agent-H set
+(`jobs/configs/eval_demo_agent_h.jsonl`, cycled to ``--cases``, each case's number appended to its
+last turn: copies share their system prompt and tools, as a real set's cases do, but not their
+whole prompt). ``--tokenizer records`` (the
+default): ``make_tiny_model`` with its defaults over the demo `generate` job's output, a 2,000-token
+BPE trained on the bundled real records, which cuts the Agent-H prompts to 3.2 characters a token
+(Llama-2's tokenizer: about 3.5-4 on such text); ``--tokenizer fixture``: the tests' model, whose
+300-token BPE is trained on one short conversation and so spells these prompts out nearly byte by
+byte (1.1 characters a token, prompts three times as long). Measured two ways, each with
+``batch_size=1`` and ``--batch-size``:
 
     job        the real `eval` job on a local Ray with one actor (one CPU, so one torch thread):
-               first case to the end of the job, the actor's start and model loading included
+               start to end of the job, the actor's start and model loading included; and
+               ``after_first``: from the first replies to reach the driver to the last (the
+               manifest's ``cases_per_s_after_first``), the rate once started
     generate   ``HFGenerate`` alone in this process on one thread, the cases in the job's order and
                batches: the time inside ``__call__`` only; the two modes alternate ``--repeat``
                times and each keeps its fastest pass (the machine may be shared)
@@ -50,46 +59,63 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=2, help="passes of the generate measure per mode")
+    parser.add_argument("--tokenizer", choices=("records", "fixture"), default="records")
     args = parser.parse_args()
-    import pyarrow.parquet as pq
     import ray
 
     sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "bench"))
     from conftest import write_tiny_data
-
-    from agentflan_ray.config import load_config
-    from agentflan_ray.jobs.eval import EvalConfig
-    from agentflan_ray.jobs.eval import run as run_eval
+    from train_throughput import demo_samples
 
     ray.init(logging_level="ERROR", include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows = [json.loads(line) for line in (REPO / "jobs/configs/eval_demo_agent_h.jsonl").read_text().splitlines()]
     batches = (1, args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_tiny_data(Path(tmp) / "tiny")
-        cases = [{**rows[i % len(rows)], "id": f"case-{i}"} for i in range(args.cases)]
-        sets = Path(tmp) / "set.jsonl"
-        sets.write_text("".join(json.dumps(case) + "\n" for case in cases))
-        result, replies = {"cases": args.cases, "max_new_tokens": args.max_new_tokens}, {}
+        if args.tokenizer == "fixture":
+            model = write_tiny_data(Path(tmp) / "tiny") / "model"
+        else:
+            model = demo_samples(Path(tmp) / "demo")[1]
+        cases = [own_last_turn({**rows[i % len(rows)], "id": f"case-{i}"}, i) for i in range(args.cases)]
+        result = {"cases": args.cases, "max_new_tokens": args.max_new_tokens, "tokenizer": args.tokenizer,
+                  **prompt_tokens(model, cases)}
+        replies = {}
         for batch in batches:
-            config = load_config(EvalConfig, None, [f"sets=[{sets}]", f"output={tmp}/out-{batch}",
-                                                    f"model={root / 'model'}", f"batch_size={batch}",
-                                                    f"max_new_tokens={args.max_new_tokens}", "progress=false"])
-            started = time.monotonic()
-            manifest = run_eval(config, log=lambda *_: None)
-            seconds = time.monotonic() - started
-            assert manifest["counts"]["written"] == args.cases
-            written = pq.read_table(f"{tmp}/out-{batch}/cases", columns=["id", "reply", "finish_reason"]).to_pylist()
+            seconds, manifest, written = run_job(Path(tmp), cases, model, batch, args.max_new_tokens)
             replies[batch] = {row["id"]: row["reply"] for row in written}
             result[f"batch_{batch}_cases_per_s"] = round(args.cases / seconds, 2)
+            result[f"batch_{batch}_first_replies_s"] = manifest["llm"]["first_replies_s"]
+            result[f"batch_{batch}_after_first_cases_per_s"] = manifest["llm"]["cases_per_s_after_first"]
             result[f"ended_early_batch_{batch}"] = sum(row["finish_reason"] == "stop" for row in written)
         ray.shutdown()
         result["speedup"] = ratio(result, "batch_{}_cases_per_s", batches)
+        result["speedup_after_first"] = ratio(result, "batch_{}_after_first_cases_per_s", batches)
         result["same_replies"] = sum(replies[1][key] == replies[args.batch_size][key] for key in replies[1])
-        for batch, seconds in generate_seconds(root / "model", cases, batches, args.max_new_tokens, args.repeat).items():
+        for batch, seconds in generate_seconds(model, cases, batches, args.max_new_tokens, args.repeat).items():
             result[f"generate_batch_{batch}_cases_per_s"] = round(args.cases / seconds, 2)
         result["generate_speedup"] = ratio(result, "generate_batch_{}_cases_per_s", batches)
     print(json.dumps(result), flush=True)
+
+
+def run_job(tmp: Path, cases: list[dict], model: Path, batch: int, max_new_tokens: int) -> tuple:
+    """Seconds of the `eval` job over these cases, its manifest and its per-case rows."""
+    import pyarrow.parquet as pq
+
+    from agentflan_ray.config import load_config
+    from agentflan_ray.jobs.eval import EvalConfig
+    from agentflan_ray.jobs.eval import run as run_eval
+
+    sets = tmp / "set.jsonl"
+    sets.write_text("".join(json.dumps(case) + "\n" for case in cases))
+    config = load_config(EvalConfig, None, [f"sets=[{sets}]", f"output={tmp}/out-{batch}", f"model={model}",
+                                            f"batch_size={batch}", f"max_new_tokens={max_new_tokens}",
+                                            "progress=false"])
+    started = time.monotonic()
+    manifest = run_eval(config, log=lambda *_: None)
+    seconds = time.monotonic() - started
+    assert manifest["counts"]["written"] == len(cases)
+    return seconds, manifest, pq.read_table(f"{tmp}/out-{batch}/cases", columns=["id", "reply", "finish_reason"]).to_pylist()
 
 
 def generate_seconds(model: Path, cases: list[dict], batches: tuple, max_new_tokens: int,
@@ -115,6 +141,26 @@ def generate_seconds(model: Path, cases: list[dict], batches: tuple, max_new_tok
                 generate(table)
             seconds[batch] = min(seconds[batch], time.perf_counter() - started)
     return seconds
+
+
+def own_last_turn(case: dict, number: int) -> dict:
+    """The case with its number at the end of its last turn: cycled copies of a case share their
+    system prompt and tools, as cases of a real set do, but not their whole prompt."""
+    *head, last = case["messages"]
+    return {**case, "messages": [*head, {**last, "content": f"{last['content']}\n(case {number})"}]}
+
+
+def prompt_tokens(model: Path, cases: list[dict]) -> dict:
+    """The cases' prompts (the chat template) in the model's tokens: mean and longest, and the mean
+    characters a token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompts = [tokenizer.apply_chat_template(case["messages"], tokenize=False, add_generation_prompt=True)
+               for case in cases]
+    lengths = [len(tokenizer(prompt, add_special_tokens=False).input_ids) for prompt in prompts]
+    return {"prompt_tokens_mean": round(sum(lengths) / len(lengths)), "prompt_tokens_max": max(lengths),
+            "chars_per_token": round(sum(map(len, prompts)) / sum(lengths), 2)}
 
 
 def ratio(result: dict, key: str, batches: tuple) -> float:
@@ -176,10 +222,7 @@ def unique_cases(path: Path, count: int) -> Path:
             for line in (REPO / f"jobs/configs/eval_demo_{name}.jsonl").read_text().splitlines()]
     with open(path, "w") as f:
         for i in range(count):
-            row = rows[i % len(rows)]
-            *head, last = row["messages"]
-            f.write(json.dumps({**row, "id": f"case-{i}",
-                                "messages": [*head, {**last, "content": f"{last['content']}\n(case {i})"}]}) + "\n")
+            f.write(json.dumps(own_last_turn({**rows[i % len(rows)], "id": f"case-{i}"}, i)) + "\n")
     return path
 
 
