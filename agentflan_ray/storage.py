@@ -7,6 +7,7 @@ credentials from the standard AWS variables. Nothing here ever prints a credenti
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import re
@@ -54,6 +55,16 @@ def fs_path(uri: str) -> str:
     if is_s3(uri):
         return uri[len("s3://"):].rstrip("/")
     return str(Path(uri).expanduser().absolute())
+
+
+def sha256(uri: str, storage: StorageConfig) -> str:
+    """The sha256 of a file's bytes, local or ``s3://``, read in 1 MiB pieces."""
+    fs, path = filesystem(uri, storage)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def join(uri: str, *parts: str) -> str:

@@ -25,7 +25,6 @@ Read top to bottom::
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import posixpath
 import time
@@ -40,7 +39,7 @@ from agentflan_ray.config import ConfigError, JobConfig
 from agentflan_ray.evaluating.report import deltas, markdown, score
 from agentflan_ray.evaluating.sets import read_sets, tool_names
 from agentflan_ray.llm.settings import LLMConfig, cost, price_per_1k
-from agentflan_ray.storage import expand, filesystem, join, s3_endpoint
+from agentflan_ray.storage import expand, filesystem, join, s3_endpoint, sha256
 from agentflan_ray.writing.accounting import Progress, Tally, all_accounted
 from agentflan_ray.writing.manifest import build_manifest, finish_output, start_output
 from agentflan_ray.writing.shards import QUARANTINE, ShardWriter
@@ -169,7 +168,7 @@ def run(config: EvalConfig, log=print, prepared=None) -> dict:
     if native["fallback"]:
         log(f"[eval] the endpoint rejected tools= (HTTP 400) for {native['fallback']:,} cases: asked as text")
     report = {"model": model, "generation": generation(config), "scores": score(results),
-              "sets": [{"path": path, "sha256": digest(path, config)} for path in files]}
+              "sets": [{"path": path, "sha256": sha256(path, config.storage)} for path in files]}
     if config.compare:
         other = read_json(config.compare, config)
         report["compare"] = {"report": config.compare, "deltas": deltas(report["scores"], other.get("scores", {}))}
@@ -301,12 +300,6 @@ def generation(config: EvalConfig) -> dict:
         return {"decoding": "greedy", "max_new_tokens": config.max_new_tokens}
     return {"temperature": config.llm.temperature, "max_tokens": config.llm.max_tokens,
             "native_tools": config.native_tools}
-
-
-def digest(uri: str, config: EvalConfig) -> str:
-    fs, path = filesystem(uri, config.storage)
-    with fs.open_input_stream(path) as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def read_json(uri: str, config: EvalConfig) -> dict:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import importlib
 import json
 import os
@@ -41,7 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from agentflan_ray.config import ConfigError, JobConfig, build, config_hash
-from agentflan_ray.storage import filesystem, is_s3, join
+from agentflan_ray.storage import filesystem, is_s3, join, sha256
 from agentflan_ray.writing.accounting import Tally
 from agentflan_ray.writing.manifest import (
     MANIFEST,
@@ -239,10 +238,8 @@ def finished(config: PipelineConfig, stage: str, key: dict, state: dict) -> bool
 
 
 def manifest_digest(config: PipelineConfig, stage: str) -> str | None:
-    fs, base = filesystem(root(config, stage), config.storage)
     try:
-        with fs.open_input_stream(posixpath.join(base, MANIFEST)) as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        return sha256(join(root(config, stage), MANIFEST), config.storage)
     except (FileNotFoundError, OSError):
         return None
 
