@@ -104,10 +104,11 @@ class HFGenerate:
 
     The rows of a batch that share no prefix worth it (``prefix_groups``) are prefilled together the
     same way with no prefix; then all the batch's rows decode together, each group's cache padded on
-    the right to the longest. Pads only ever follow a row's tokens, so the prefill needs causal attention alone:
-    no dense padded mask, and the attention kernel skips the upper triangle (left padding made a
-    batch of eight long prompts 3.5x slower to prefill than the eight one by one, on CPU). A row
-    that emits an end marker (the tokenizer's or any of the generation config's) leaves the batch.
+    the right to the longest. Pads only ever follow a row's tokens, so the prefill needs causal
+    attention alone: no dense padded mask, and the attention kernel skips the upper triangle (left
+    padding made a batch of eight long prompts 3.5x slower to prefill than the eight one by one, on
+    CPU). A row that emits an end marker (the tokenizer's or any of the generation config's) leaves
+    the batch.
     """
 
     def __init__(self, model: str, storage, max_new_tokens: int, device: str = "auto"):
