@@ -1,7 +1,7 @@
-"""The GPU training path, checked and measured in one command (see bench/gpu_check.sh).
+"""The GPU training path and the eval HF backend, checked and measured in one command (see bench/gpu_check.sh).
 
     python bench/gpu_check.py prepare                 # here, on CPU: the inputs it carries (bench/_gpu)
-    bash bench/gpu_check.sh [--out DIR]               # on the GPU machine: every part below, < 8 min
+    bash bench/gpu_check.sh [--out DIR]               # on the GPU machine: every part below, < 9 min
     bash bench/gpu_check.sh --dry-run                 # the same steps on CPU with a tiny model (CI)
 
 Parts, each printing one JSON line per figure (``{"part": ..., ...}``):
@@ -17,6 +17,11 @@ Parts, each printing one JSON line per figure (``{"part": ..., ...}``):
                 optimizer step).
   ray           the same model, rows and settings through `run_train` (Ray Train, 1 worker): tokens/s
                 and its ratio to the bare loop.
+  eval          the eval job's Hugging Face backend (``HFGenerate``, greedy, bf16) on the same ~1B
+                model over the bundled Agent-H cases (each with its own last turn): cases/s one at a
+                time and in batches of 8 and 32, their ratio to one at a time, peak memory, and how
+                many replies a batch gives exactly as one at a time (bf16 kernels differ by shape,
+                so a near tie may break either way). No Ray needed.
 
 MFU, written out (PaLM accounting, metrics.flops_per_token): every real (non-padding) token costs
 ``6 N + 12 L H S`` FLOPs, N the parameters a token passes through (all but the input embedding, LM
@@ -512,6 +517,42 @@ def through_ray(args) -> None:
     ray.shutdown()
 
 
+def eval_generate(args) -> None:
+    import pyarrow as pa
+    import torch
+    from eval_throughput import own_last_turn
+
+    from agentflan_ray.evaluating.backends import CASE_ROW_SCHEMA, HFGenerate, batch_order
+    from agentflan_ray.jobs.eval import case_rows
+    from agentflan_ray.storage import StorageConfig
+
+    rows = [json.loads(line) for line in (REPO / "jobs/configs/eval_demo_agent_h.jsonl").read_text().splitlines()]
+    count, new_tokens = (16, 8) if args.dry_run else (args.eval_cases, 32)
+    cases = sorted(case_rows([own_last_turn({**rows[i % len(rows)], "id": f"case-{i}"}, i) for i in range(count)]),
+                   key=batch_order)  # as the job orders them
+    generate = HFGenerate(args.model, StorageConfig(), new_tokens, device=args.device)
+    cuda = args.device == "cuda"
+    replies, seconds = {}, {}
+    for batch in (1, 4) if args.dry_run else (1, 8, 32):
+        tables = [pa.Table.from_pylist(cases[i:i + batch], schema=CASE_ROW_SCHEMA) for i in range(0, count, batch)]
+        generate(tables[0])  # warm-up: kernels chosen, memory pools filled
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        out = [row for table in tables for row in generate(table).to_pylist()]
+        if cuda:
+            torch.cuda.synchronize()
+        seconds[batch] = time.perf_counter() - started
+        replies[batch] = {row["id"]: row["reply"] for row in out}
+        emit({"part": "eval", "batch": batch, "cases": count, "max_new_tokens": new_tokens,
+              "cases_per_s": round(count / seconds[batch], 2), "seconds": round(seconds[batch], 2),
+              "ended_early": sum(row["finish_reason"] == "stop" for row in out),
+              "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+              "speedup": round(seconds[1] / seconds[batch], 2),
+              "same_replies_as_one_at_a_time": sum(replies[batch][key] == replies[1][key] for key in replies[1])})
+
+
 # ----------------------------------------------------------------------------- orchestration
 
 
@@ -589,7 +630,7 @@ def run_all(args) -> int:
                        TINY if args.dry_run else ONE_B, args.device)
     record([{"part": "setup", **versions, "samples": samples}])
 
-    parts = set(args.only.split(",")) if args.only else {"correctness", "throughput", "ray"}
+    parts = set(args.only.split(",")) if args.only else {"correctness", "throughput", "ray", "eval"}
     if "correctness" in parts:
         record(sub(args, "correctness", timeout=args.part_timeout)[1])
     best = None
@@ -624,6 +665,8 @@ def run_all(args) -> int:
                      "same_rows": (ray_run["rows"], ray_run["real_tokens_total"]) == (best["rows"],
                                                                                       best["real_tokens_total"]),
                      "micro_batch": micro, "fused_kernels": fused}])
+    if "eval" in parts:
+        record(sub(args, "eval", "--model", str(model), timeout=args.part_timeout)[1])
     failures = [r for r in lines if r.get("error") or r.get("pass") is False]
     record([{"part": "summary", "failures": len(failures)}])
     return 1 if failures else 0
@@ -632,11 +675,12 @@ def run_all(args) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="all",
-                        choices=["all", "prepare", "correctness", "bare", "ray"])
+                        choices=["all", "prepare", "correctness", "bare", "ray", "eval"])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, few steps (what CI runs)")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "agentflan-gpu-check"))
     parser.add_argument("--out", default="", help="also write gpu_check.jsonl here")
-    parser.add_argument("--only", default="", help="comma-separated parts: correctness,throughput,ray")
+    parser.add_argument("--only", default="", help="comma-separated parts: correctness,throughput,ray,eval")
+    parser.add_argument("--eval-cases", type=int, default=64, help="eval: cases per batch size")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seq-len", type=int, default=0, help="packed row length (4096; 1024 on a dry run)")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps per run (8; 4 on a dry run)")
@@ -661,7 +705,8 @@ def main() -> None:
         args.micro = 2
     if args.command == "all":
         sys.exit(run_all(args))
-    {"prepare": prepare, "correctness": correctness, "bare": bare, "ray": through_ray}[args.command](args)
+    {"prepare": prepare, "correctness": correctness, "bare": bare, "ray": through_ray,
+     "eval": eval_generate}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -162,4 +162,7 @@ def test_gpu_check_dry_run(ray_session, sample_data, tmp_path):
     overhead = next(r for r in records if r["part"] == "ray_over_bare")
     assert overhead["same_rows"] is True and overhead["ratio"] > 0
     assert any(r["part"] == "profile" for r in records)
+    evals = {r["batch"]: r for r in records if r["part"] == "eval"}  # the eval HF backend, same model
+    assert sorted(evals) == [1, 4] and all(r["cases_per_s"] > 0 for r in evals.values())
+    assert evals[4]["same_replies_as_one_at_a_time"] == evals[4]["cases"] == 16
     assert records[-1]["part"] == "summary" and records[-1]["failures"] == 0
