@@ -196,3 +196,50 @@ def test_a_model_on_s3_is_copied_to_the_node_and_its_copy_removed_once_loaded(ti
     assert generate.model.config.hidden_size == 64 and not list(tmp_path.iterdir())
     with local_model(str(tiny / "model"), StorageConfig()) as path:
         assert path == str(tiny / "model")
+
+
+@pytest.mark.parametrize("window", [64, 8192])
+def test_a_sliding_window_model_gets_what_it_gets_alone(tiny, tmp_path, window):
+    """Mistral-style layers that attend to the last ``window`` positions only: where the prompts are
+    longer (64), pads inside the window would shift it, so each row runs alone; where all fits
+    (8192), the batch runs as usual, the sliding layers' own count of positions kept right."""
+    import pyarrow as pa
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from agentflan_ray.evaluating.backends import CASE_ROW_SCHEMA
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                           max_position_embeddings=8192, initializer_range=0.5, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
+    tokenizer.save_pretrained(tmp_path / "mistral")
+    agent_h = [json.loads(line) for line in BUNDLED[0].read_text().splitlines()]
+    systems = [c["messages"][0]["content"] for c in agent_h]
+    system = max((text for text in systems if systems.count(text) >= 3), key=len)
+    cases = [c for c in agent_h if c["messages"][0]["content"] == system][:3]
+    cases += [c for c in agent_h if c["id"].startswith("agent_h-no_tools-")][:3]
+    generate = HFGenerate(str(tmp_path / "mistral"), StorageConfig(), 10)
+    assert generate.window == window
+    rows = [{"id": c["id"], "messages": json.dumps(c["messages"]), "tools": ""} for c in cases]
+    got = generate(pa.Table.from_pylist(rows, schema=CASE_ROW_SCHEMA)).to_pylist()
+    assert {r["id"]: (r["reply"], r["finish_reason"]) for r in got} == one_at_a_time(tmp_path / "mistral", cases, 10)
+
+
+def test_the_attention_window_comes_from_the_layer_types_or_the_sliding_window():
+    from types import SimpleNamespace
+
+    from transformers import MistralConfig, Qwen2Config
+
+    from agentflan_ray.evaluating.backends import attention_window
+
+    assert attention_window(MistralConfig(sliding_window=4096)) == 4096
+    assert attention_window(MistralConfig(sliding_window=None)) is None
+    assert attention_window(Qwen2Config(sliding_window=4096, use_sliding_window=False)) is None
+    assert attention_window(SimpleNamespace(layer_types=["sliding_attention", "full_attention"], sliding_window=512)) == 512
+    assert attention_window(SimpleNamespace(layer_types=["full_attention"], sliding_window=512)) is None
+    assert attention_window(SimpleNamespace(layer_types=["linear_attention", "full_attention"], sliding_window=None)) == 0
+    assert attention_window(SimpleNamespace()) is None  # Llama: no window at all

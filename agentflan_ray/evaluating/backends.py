@@ -128,6 +128,7 @@ class HFGenerate:
         accepts = inspect.signature(self.model.forward).parameters
         self.cache_arg = "cache" if "cache" in accepts else "past_key_values"  # renamed in transformers 5
         self.keeps_logits = "logits_to_keep" in accepts
+        self.window = attention_window(self.model.config)
 
     def prompt(self, messages: list[dict]) -> str:
         if self.tokenizer.chat_template:
@@ -152,7 +153,14 @@ class HFGenerate:
         """Each prompt's greedy continuation up to its end marker (excluded), and whether it ended.
         Each prefix group (``prefix_groups``) is prefilled apart, then all rows decode as one batch
         (their caches right-padded to one length), so a group costs no extra forward per token.
-        A row that ends leaves the batch, so the rest do not pay for it."""
+        A row that ends leaves the batch, so the rest do not pay for it.
+
+        Pads sit between a row's prompt and its reply, which only layers that attend to every
+        position can ignore: where a model's window (``attention_window``) is shorter than the
+        longest prompt and reply, or its layers are not all attention, each row runs alone."""
+        if len(prompts) > 1 and (self.window == 0 or (self.window and max(map(len, prompts)) + self.max_new_tokens
+                                                      > self.window)):
+            return [output for prompt in prompts for output in self.generate([prompt])]
         import torch
 
         groups = prefix_groups(prompts)
@@ -160,6 +168,7 @@ class HFGenerate:
         logits, cache, mask = merge_prefills([self.prefill([prompts[row] for row in rows], shared)
                                               for rows, shared in groups])
         lengths = torch.tensor([len(prompts[row]) for row in order], device=self.device)
+        padded = bool((mask == 0).any())  # else no mask: a row alone has none, as in generate()
         alive = list(range(len(order)))  # the decode batch's rows still generating
         tokens, ended = [[] for _ in order], [False] * len(order)
         for step in range(self.max_new_tokens):
@@ -177,7 +186,7 @@ class HFGenerate:
                 cache.batch_select_indices(index)
                 chosen, mask, lengths, alive = chosen[index], mask[index], lengths[index], [alive[i] for i in going]
             mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-            logits, cache = self.forward(chosen[:, None], cache, attention_mask=mask,
+            logits, cache = self.forward(chosen[:, None], cache, attention_mask=mask if padded else None,
                                          position_ids=(lengths + step)[:, None])
             logits = logits[:, -1]
         outputs: list = [None] * len(prompts)
@@ -277,6 +286,19 @@ def merge_prefills(prefills: list[tuple]) -> tuple:
     return logits, cache, mask
 
 
+def attention_window(config) -> int | None:
+    """How many positions back the model's shortest-sighted layers attend (Mistral's and Gemma's
+    sliding windows); None where every layer attends to all; 0 where a layer is not attention at
+    all (a recurrent or chunked one: pads would run through its state)."""
+    types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None) or None
+    if types is not None:
+        if set(types) - {"full_attention", "sliding_attention"}:
+            return 0
+        return window if "sliding_attention" in types else None
+    return None if getattr(config, "use_sliding_window", True) is False else window
+
+
 def cache_tensors(cache) -> list[list]:
     """``[keys, values]`` of each layer of a ``DynamicCache`` (shaped batch, heads, positions, dim)."""
     if hasattr(cache, "layers"):  # transformers >= 4.56
@@ -288,6 +310,8 @@ def set_cache_tensors(cache, tensors: list[list]) -> None:
     if hasattr(cache, "layers"):
         for layer, (keys, values) in zip(cache.layers, tensors, strict=True):
             layer.keys, layer.values = keys, values
+            if hasattr(layer, "cumulative_length"):  # a sliding layer not yet full (attention_window)
+                layer.cumulative_length = keys.shape[-2]
     else:
         cache.key_cache[:] = [keys for keys, _ in tensors]
         cache.value_cache[:] = [values for _, values in tensors]
