@@ -243,3 +243,30 @@ def test_the_attention_window_comes_from_the_layer_types_or_the_sliding_window()
     assert attention_window(SimpleNamespace(layer_types=["full_attention"], sliding_window=512)) is None
     assert attention_window(SimpleNamespace(layer_types=["linear_attention", "full_attention"], sliding_window=None)) == 0
     assert attention_window(SimpleNamespace()) is None  # Llama: no window at all
+
+
+def test_a_case_the_model_cannot_take_is_dead_lettered_and_its_batch_goes_on(tiny, tmp_path):
+    """GPT-2-style learned positions stop at ``n_positions``: a longer prompt cannot run at all. Its
+    batch falls back to one row at a time; that row gets a reason, the others their replies."""
+    import pyarrow as pa
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from agentflan_ray.evaluating.backends import CASE_ROW_SCHEMA
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=96, n_embd=32, n_layer=1, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    short = [{"role": "user", "content": "Hi."}]
+    cases = [{"id": "short-1", "messages": short}, {"id": "long", "messages": [{"role": "user", "content": "word " * 200}]},
+             {"id": "short-2", "messages": [{"role": "user", "content": "Hello there."}]}]
+    generate = HFGenerate(str(tmp_path / "gpt2"), StorageConfig(), 8)
+    rows = [{"id": c["id"], "messages": json.dumps(c["messages"]), "tools": ""} for c in cases]
+    got = {r["id"]: r for r in generate(pa.Table.from_pylist(rows, schema=CASE_ROW_SCHEMA)).to_pylist()}
+    assert got["long"]["error"].startswith("context_length_exceeded: ") and got["long"]["reply"] == ""
+    expected = one_at_a_time(tmp_path / "gpt2", [cases[0], cases[2]], 8)
+    assert {key: (got[key]["reply"], got[key]["finish_reason"]) for key in expected} == expected
+    assert got["short-1"]["error"] == got["short-2"]["error"] == ""

@@ -7,7 +7,9 @@
                    again without them (``native`` "fallback")
     HFGenerate     a callable class for ``map_batches`` on an actor pool: the model's chat template,
                    batched greedy generation (a prompt prefix the rows share run once, right
-                   padding, a row that ends leaves its batch), CPU or GPU (``num_gpus`` per actor)
+                   padding, a row that ends leaves its batch), CPU or GPU (``num_gpus`` per actor);
+                   a batch that fails runs row by row, and a row that fails alone is dead-lettered
+                   (``context_length_exceeded`` past the model's positions, else ``generation_failed``)
 
 Both return rows ``{id, reply, finish_reason, error}``; the endpoint's also ``tool_calls`` (JSON text,
 "" for none) and ``native`` ("" not asked natively, "on", "fallback").
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import os
 import re
 import tempfile
@@ -33,6 +36,7 @@ NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9_-]")  # what OpenAI does not take in a f
 # token than causal attention (3.5x on CPU), so a prefix is run once for several rows only where it is
 # this many times longer than the longest row's own part.
 SHARED_AT_LEAST = 4
+logger = logging.getLogger(__name__)
 
 
 class EndpointTask:
@@ -142,12 +146,46 @@ class HFGenerate:
         prompts = [self.tokenizer(self.prompt(json.loads(r["messages"])), add_special_tokens=False).input_ids
                    for r in rows]
         with torch.inference_mode():
-            outputs = self.generate(prompts)
+            try:
+                outputs = self.generate(prompts)
+            except Exception as exc:  # a row the model cannot take, or a batch too big for memory
+                self.release()
+                if len(prompts) == 1:
+                    outputs = [exc]
+                else:
+                    logger.warning("a batch of %d failed (%s: %s); its rows run one by one", len(prompts),
+                                   type(exc).__name__, str(exc)[:200])
+                    outputs = [self.alone(prompt) for prompt in prompts]
         replies = []
-        for row, (tokens, ended) in zip(rows, outputs, strict=True):
+        for row, prompt, output in zip(rows, prompts, outputs, strict=True):
+            if isinstance(output, Exception):
+                replies.append({"id": row["id"], "reply": "", "finish_reason": "",
+                                "error": f"{self.failure(prompt)}: {type(output).__name__}: {output}"[:500]})
+                continue
+            tokens, ended = output
             replies.append({"id": row["id"], "reply": self.tokenizer.decode(tokens, skip_special_tokens=True),
                             "finish_reason": "stop" if ended else "length", "error": ""})
         return pa.Table.from_pylist(replies, schema=REPLY_SCHEMA)
+
+    def alone(self, prompt: list[int]):
+        """One prompt's ``generate`` output, or the exception it raised (the case is dead-lettered)."""
+        try:
+            return self.generate([prompt])[0]
+        except Exception as exc:
+            self.release()
+            return exc
+
+    def failure(self, prompt: list[int]) -> str:
+        """The dead-letter reason of a row that failed alone."""
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        return "context_length_exceeded" if context and len(prompt) + self.max_new_tokens > context else "generation_failed"
+
+    def release(self) -> None:
+        """Give back the GPU memory a failed batch held."""
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
     def generate(self, prompts: list[list[int]]) -> list[tuple[list[int], bool]]:
         """Each prompt's greedy continuation up to its end marker (excluded), and whether it ended.
