@@ -270,3 +270,34 @@ def test_a_case_the_model_cannot_take_is_dead_lettered_and_its_batch_goes_on(tin
     expected = one_at_a_time(tmp_path / "gpt2", [cases[0], cases[2]], 8)
     assert {key: (got[key]["reply"], got[key]["finish_reason"]) for key in expected} == expected
     assert got["short-1"]["error"] == got["short-2"]["error"] == ""
+
+
+def test_a_template_that_refuses_system_turns_gets_them_folded_and_one_that_refuses_all_dead_letters(tiny, tmp_path):
+    """Gemma's chat template raises on a system turn; every Agent-H case has one."""
+    import shutil
+
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from agentflan_ray.evaluating.backends import CASE_ROW_SCHEMA
+
+    no_system = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                 "{% endif %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    for name, template in (("no-system", no_system), ("refuses-all", "{{ raise_exception('no chat here') }}")):
+        shutil.copytree(tiny / "model", tmp_path / name)
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / name)
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(tmp_path / name)
+    case = json.loads(BUNDLED[0].read_text().splitlines()[0])
+    assert case["messages"][0]["role"] == "system" and case["messages"][1]["role"] == "user"
+    rows = pa.Table.from_pylist([{"id": "c", "messages": json.dumps(case["messages"]), "tools": ""}],
+                                schema=CASE_ROW_SCHEMA)
+
+    folded = HFGenerate(str(tmp_path / "no-system"), StorageConfig(), 4)
+    prompt = folded.prompt(case["messages"])
+    assert prompt.startswith(f"<|user|>\n{case['messages'][0]['content']}\n\n{case['messages'][1]['content']}</s>")
+    assert folded(rows).to_pylist()[0]["error"] == ""
+
+    refused = HFGenerate(str(tmp_path / "refuses-all"), StorageConfig(), 4)(rows).to_pylist()[0]
+    assert refused["error"].startswith("template_failed: ") and "no chat here" in refused["error"]

@@ -135,37 +135,58 @@ class HFGenerate:
         self.window = attention_window(self.model.config)
 
     def prompt(self, messages: list[dict]) -> str:
-        if self.tokenizer.chat_template:
+        """The model's chat template over the conversation. A template that refuses a system turn
+        (Gemma's) gets it folded into the first user turn, as those models are prompted."""
+        if not self.tokenizer.chat_template:
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        except Exception:
+            folded = without_system_turn(messages)
+            if folded == messages:
+                raise
+            return self.tokenizer.apply_chat_template(folded, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, messages: list[dict]) -> list[int] | str:
+        """The prompt's token ids, or why there are none (the case is dead-lettered)."""
+        try:
+            return self.tokenizer(self.prompt(messages), add_special_tokens=False).input_ids
+        except Exception as exc:  # a chat template that refuses the conversation
+            return f"template_failed: {type(exc).__name__}: {exc}"[:500]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
-
         rows = batch.to_pylist()
-        prompts = [self.tokenizer(self.prompt(json.loads(r["messages"])), add_special_tokens=False).input_ids
-                   for r in rows]
-        with torch.inference_mode():
-            try:
-                outputs = self.generate(prompts)
-            except Exception as exc:  # a row the model cannot take, or a batch too big for memory
-                self.release()
-                if len(prompts) == 1:
-                    outputs = [exc]
-                else:
-                    logger.warning("a batch of %d failed (%s: %s); its rows run one by one", len(prompts),
-                                   type(exc).__name__, str(exc)[:200])
-                    outputs = [self.alone(prompt) for prompt in prompts]
+        prompts = [self.encode(json.loads(row["messages"])) for row in rows]
+        outputs = iter(self.run([prompt for prompt in prompts if isinstance(prompt, list)]))
         replies = []
-        for row, prompt, output in zip(rows, prompts, outputs, strict=True):
-            if isinstance(output, Exception):
-                replies.append({"id": row["id"], "reply": "", "finish_reason": "",
-                                "error": f"{self.failure(prompt)}: {type(output).__name__}: {output}"[:500]})
+        for row, prompt in zip(rows, prompts, strict=True):
+            output = next(outputs) if isinstance(prompt, list) else prompt
+            if isinstance(output, (str, Exception)):
+                error = output if isinstance(output, str) else f"{self.failure(prompt)}: {type(output).__name__}: {output}"
+                replies.append({"id": row["id"], "reply": "", "finish_reason": "", "error": error[:500]})
                 continue
             tokens, ended = output
             replies.append({"id": row["id"], "reply": self.tokenizer.decode(tokens, skip_special_tokens=True),
                             "finish_reason": "stop" if ended else "length", "error": ""})
         return pa.Table.from_pylist(replies, schema=REPLY_SCHEMA)
+
+    def run(self, prompts: list[list[int]]) -> list:
+        """``generate``'s outputs; where the batch fails (a row the model cannot take, a batch too
+        big for memory), each row's alone: its output or the exception it raised."""
+        import torch
+
+        if not prompts:
+            return []
+        with torch.inference_mode():
+            try:
+                return self.generate(prompts)
+            except Exception as exc:
+                self.release()
+                if len(prompts) == 1:
+                    return [exc]
+                logger.warning("a batch of %d failed (%s: %s); its rows run one by one", len(prompts),
+                               type(exc).__name__, str(exc)[:200])
+                return [self.alone(prompt) for prompt in prompts]
 
     def alone(self, prompt: list[int]):
         """One prompt's ``generate`` output, or the exception it raised (the case is dead-lettered)."""
@@ -260,6 +281,16 @@ class HFGenerate:
             inputs["logits_to_keep"] = keep
         out = self.model(input_ids=tokens, use_cache=True, **{self.cache_arg: cache}, **inputs)
         return out.logits, out[self.cache_arg]
+
+
+def without_system_turn(messages: list[dict]) -> list[dict]:
+    """The conversation with a leading system turn folded into the first user turn (or made one)."""
+    if not messages or messages[0].get("role") != "system":
+        return messages
+    system, rest = messages[0], messages[1:]
+    if rest and rest[0].get("role") == "user":
+        return [{**rest[0], "content": f"{system['content']}\n\n{rest[0]['content']}"}, *rest[1:]]
+    return [{**system, "role": "user"}, *rest]
 
 
 def batch_order(row: dict) -> tuple:
