@@ -217,8 +217,7 @@ class HFGenerate:
         Pads sit between a row's prompt and its reply, which only layers that attend to every
         position can ignore: where a model's window (``attention_window``) is shorter than the
         longest prompt and reply, or its layers are not all attention, each row runs alone."""
-        if len(prompts) > 1 and (self.window == 0 or (self.window and max(map(len, prompts)) + self.max_new_tokens
-                                                      > self.window)):
+        if self.apart(prompts):
             return [output for prompt in prompts for output in self.generate([prompt])]
         import torch
 
@@ -252,6 +251,13 @@ class HFGenerate:
         for position, row in enumerate(order):
             outputs[row] = (tokens[position], ended[position])
         return outputs
+
+    def apart(self, prompts: list[list[int]]) -> bool:
+        """Whether these prompts must run one by one: a window (``attention_window``) shorter than
+        the longest prompt and reply, or layers that are not all attention."""
+        if len(prompts) < 2 or self.window is None:
+            return False
+        return self.window == 0 or max(map(len, prompts)) + self.max_new_tokens > self.window
 
     def prefill(self, prompts: list[list[int]], shared: int):
         """The logits for each row's first generated token, the cache, and the attention mask (1 on a
