@@ -5,13 +5,15 @@
 A tiny Llama-style model (2 layers, hidden 64, random weights) and the bundled Agent-H set
 (`jobs/configs/eval_demo_agent_h.jsonl`, cycled to ``--cases``, each case's number appended to its
 last turn: copies share their system prompt and tools, as a real set's cases do, but not their
-whole prompt). ``--tokenizer records`` (the
-default): ``make_tiny_model`` with its defaults over the demo `generate` job's output, a 2,000-token
-BPE trained on the bundled real records, which cuts the Agent-H prompts to 3.2 characters a token
-(Llama-2's tokenizer: about 3.5-4 on such text); ``--tokenizer fixture``: the tests' model, whose
-300-token BPE is trained on one short conversation and so spells these prompts out nearly byte by
-byte (1.1 characters a token, prompts three times as long). Measured two ways, each with
-``batch_size=1`` and ``--batch-size``:
+whole prompt).
+
+Tokenizer: ``--tokenizer records`` (the default) is ``make_tiny_model`` with its defaults over the
+demo `generate` job's output, a 2,000-token BPE trained on the bundled real records: 3.2 characters
+a token on these prompts (Llama-2's tokenizer: about 3.5-4 on such text). ``--tokenizer fixture`` is
+the tests' model, whose 300-token BPE is trained on one short conversation and so spells these
+prompts out nearly byte by byte (1.1 characters a token, prompts three times as long).
+
+Measured two ways, each with ``batch_size=1`` and ``--batch-size``:
 
     job        the real `eval` job on a local Ray with one actor (one CPU, so one torch thread):
                start to end of the job, the actor's start and model loading included; and
