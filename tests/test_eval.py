@@ -208,6 +208,9 @@ def test_a_missing_model_or_set_is_a_clear_error(tmp_path, capsys):
     (half_copied / "config.json").write_text("{}")
     assert main(["eval", f"sets=[{sets}]", f"model={half_copied}", f"output={tmp_path / 'o'}"]) == 2
     assert "has a config.json but no weights" in capsys.readouterr().err
+    (half_copied / "model.safetensors").write_bytes(b"")
+    assert main(["eval", f"sets=[{sets}]", f"model={half_copied}", f"output={tmp_path / 'o'}"]) == 2
+    assert "has weights but no tokenizer" in capsys.readouterr().err
     assert main(["eval", f"sets=[{tmp_path / 'none.jsonl'}]", f"model={tmp_path}", f"output={tmp_path / 'o'}"]) == 2
     assert "not found" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="either model="):

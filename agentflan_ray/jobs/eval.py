@@ -103,6 +103,9 @@ class EvalConfig(JobConfig):
 
 
 Config = EvalConfig
+# Any of these beside the weights means the model has a tokenizer (fast, SentencePiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
 
 
 def preflight(config: EvalConfig):
@@ -121,6 +124,9 @@ def preflight(config: EvalConfig):
         if not any(n.endswith(".safetensors") or (n.startswith("pytorch_model") and n.endswith(".bin")) for n in names):
             raise FileNotFoundError(f"model: {config.model} has a config.json but no weights (*.safetensors or "
                                     "pytorch_model*.bin): a half-copied export?")
+        if not any(n in TOKENIZER_FILES or n.endswith(".tiktoken") for n in names):
+            raise FileNotFoundError(f"model: {config.model} has weights but no tokenizer ({', '.join(TOKENIZER_FILES)}):"
+                                    " save it beside the model with tokenizer.save_pretrained")
         return None
     from agentflan_ray.llm.client import LLMClient
 
