@@ -78,7 +78,7 @@ class EvalConfig(JobConfig):
     model_name: str = ""  # the endpoint's model
     llm: EvalLLMConfig = field(default_factory=EvalLLMConfig)
     max_new_tokens: int = 256  # model backend
-    batch_size: int = 8  # model backend: cases per generate call
+    batch_size: int = 8  # model backend: cases per generate call; 16+ is faster where memory allows
     actors: int = 1  # model backend
     num_gpus: float = 0.0  # model backend: per actor
     compare: str = ""  # another run's report.json: deltas in the report
