@@ -171,13 +171,16 @@ class HFGenerate:
         return pa.Table.from_pylist(replies, schema=REPLY_SCHEMA)
 
     def run(self, prompts: list[list[int]]) -> list:
-        """``generate``'s outputs; where the batch fails (a row the model cannot take, a batch too
-        big for memory), each row's alone: its output or the exception it raised."""
+        """``generate``'s outputs; where the rows must run apart (``apart``) or the batch fails (a
+        row the model cannot take, a batch too big for memory), each row's alone: its output or the
+        exception it raised."""
         import torch
 
         if not prompts:
             return []
         with torch.inference_mode():
+            if self.apart(prompts):
+                return [self.alone(prompt) for prompt in prompts]
             try:
                 return self.generate(prompts)
             except Exception as exc:
@@ -212,13 +215,8 @@ class HFGenerate:
         """Each prompt's greedy continuation up to its end marker (excluded), and whether it ended.
         Each prefix group (``prefix_groups``) is prefilled apart, then all rows decode as one batch
         (their caches right-padded to one length), so a group costs no extra forward per token.
-        A row that ends leaves the batch, so the rest do not pay for it.
-
-        Pads sit between a row's prompt and its reply, which only layers that attend to every
-        position can ignore: where a model's window (``attention_window``) is shorter than the
-        longest prompt and reply, or its layers are not all attention, each row runs alone."""
-        if self.apart(prompts):
-            return [output for prompt in prompts for output in self.generate([prompt])]
+        A row that ends leaves the batch, so the rest do not pay for it. Pads sit between a row's
+        prompt and its reply, which only layers that attend to every position can ignore (``apart``)."""
         import torch
 
         groups = prefix_groups(prompts)
@@ -253,8 +251,9 @@ class HFGenerate:
         return outputs
 
     def apart(self, prompts: list[list[int]]) -> bool:
-        """Whether these prompts must run one by one: a window (``attention_window``) shorter than
-        the longest prompt and reply, or layers that are not all attention."""
+        """Whether these prompts must run one by one, the pads of a batch being in the way: a window
+        (``attention_window``) shorter than the longest prompt and reply, or layers that are not all
+        attention."""
         if len(prompts) < 2 or self.window is None:
             return False
         return self.window == 0 or max(map(len, prompts)) + self.max_new_tokens > self.window
